@@ -1,0 +1,200 @@
+"""``patchsearch`` command line: a thin layer over :mod:`patchsearch.pipeline` and :class:`PatchIndex`.
+
+Errors a user can cause print one line ``error: ...`` on stderr and exit 1
+(``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import PatchsearchError
+
+DEFAULT_INDEX_DIR = "./indexes"
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(1)
+
+
+def _friendly(fn):
+    """Turn PatchsearchError (and a few OS errors) into a one-line message and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        if ctx.find_root().params.get("debug"):
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except PatchsearchError as exc:
+            _fail(str(exc))
+        except (OSError, MemoryError) as exc:
+            _fail(f"{type(exc).__name__}: {exc}")
+
+    return wrapper
+
+
+def _data_root_option(fn):
+    return click.option("--data-root", type=click.Path(path_type=Path), default=None,
+                        help="MVTec AD root [default: $PATCHSEARCH_DATA_ROOT, else ./datasets/MVTecAD]")(fn)
+
+
+def _index_dir_option(fn):
+    return click.option("--index-dir", type=click.Path(path_type=Path), default=DEFAULT_INDEX_DIR,
+                        show_default=True, help="where indexes live (<index-dir>/<category>/)")(fn)
+
+
+def _data_root(value):
+    from .data import default_data_root
+
+    return value if value is not None else default_data_root()
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="show Python tracebacks on errors")
+@click.version_option(package_name="patchsearch")
+def main(debug):
+    """FAISS-backed PatchCore memory banks: build, query, evaluate."""
+
+
+@main.command()
+@click.option("--category", required=True, help="MVTec AD category, e.g. bottle")
+@_data_root_option
+@_index_dir_option
+@click.option("--backbone", default="efficientnet_lite0", show_default=True,
+              help="efficientnet_lite0/1/2 or a torchvision model (wide_resnet50_2 = the paper's)")
+@click.option("--layers", default=None, help="comma-separated feature nodes [default: stride-8 and 16 stages]")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="state-dict file instead of the default ImageNet weights")
+@click.option("--embed-dim", type=click.IntRange(min=1), default=None, help="reduce embeddings to this dimension")
+@click.option("--resize", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--crop", type=click.IntRange(min=1), default=224, show_default=True)
+@click.option("--coreset-ratio", type=float, default=0.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="image-decoding worker processes")
+@_friendly
+def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, resize, crop, coreset_ratio,
+          seed, shards, batch_size, workers):
+    """Build the memory-bank index of CATEGORY from its train/good images."""
+    from .data import Geometry, train_images
+    from .pipeline import build as run_build
+
+    paths = train_images(_data_root(data_root), category)
+    index = run_build(paths, index_dir / category, category=category, backbone=backbone,
+                      layers=layers.split(",") if layers else None, weights=weights, embed_dim=embed_dim,
+                      geometry=Geometry(resize, crop), coreset_ratio=coreset_ratio, seed=seed, shards=shards,
+                      batch_size=batch_size, workers=workers, progress=sys.stderr.isatty(),
+                      log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps({"index": str(index.path), "memory_bank": index.size, "dim": index.dim,
+                           "shards": len(index.shards), "timings": index.meta.get("timings")}))
+
+
+def _load(index_dir: Path, category: str):
+    from .search import PatchIndex
+
+    return PatchIndex.load(index_dir / category)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--category", required=True)
+@_index_dir_option
+@click.option("--maps", "maps_dir", type=click.Path(path_type=Path), default=None,
+              help="write each anomaly map as a heatmap PNG over the image into this folder")
+@click.option("--k", type=click.IntRange(min=1), default=9, show_default=True, help="neighbours per patch")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@_friendly
+def query(images, category, index_dir, maps_dir, k, batch_size):
+    """Score IMAGES (files or folders): one JSON line per image.
+
+    Each line has path, image_score (Eq. 7), the top patch's row/col, its k nearest
+    memory-bank L2 distances and locations (bank rows and the training image and patch
+    they came from). Unreadable images get an "error" field; the exit status is then 1.
+    """
+    from .data import list_images
+
+    index = _load(index_dir, category)
+    paths = list_images(images)
+    if maps_dir is not None:
+        maps_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for part in index.iter_query(paths, k=k, batch_size=batch_size, maps=maps_dir is not None):
+        h, w = part.grid or (0, 0)
+        for i, path in enumerate(part.paths):
+            if i in part.errors:
+                failed += 1
+                click.echo(json.dumps({"path": path, "error": part.errors[i]}))
+                continue
+            top = int(part.top_patches[i])
+            rec = {"path": path, "image_score": float(part.image_scores[i]),
+                   "top_patch": {"row": top // w, "col": top % w},
+                   "distances": [float(x) for x in part.distances[i, top]],
+                   "locations": [int(x) for x in part.locations[i, top]],
+                   "neighbours": index.describe_locations(part.locations[i, top])}
+            if maps_dir is not None:
+                out = maps_dir / f"{Path(path).stem}_anomaly_map.png"
+                _write_heatmap(path, part.anomaly_maps[i], index.geometry, out)
+                rec["anomaly_map"] = str(out)
+            click.echo(json.dumps(rec))
+    if failed:
+        click.echo(f"error: {failed} of {len(paths)} images could not be scored", err=True)
+        sys.exit(1)
+
+
+def _write_heatmap(image_path: str, amap: np.ndarray, geometry, out: Path) -> None:
+    """Blend a jet-coloured anomaly map over the crop region of the original image."""
+    from PIL import Image
+
+    from .data import load_image
+
+    img = load_image(image_path)
+    left, top, right, bottom = (int(round(v)) for v in geometry.crop_box(*img.size))
+    lo, hi = float(amap.min()), float(amap.max())
+    v = (amap - lo) / (hi - lo) if hi > lo else np.zeros_like(amap)
+    rgb = np.stack([np.clip(1.5 - np.abs(4 * v - c), 0, 1) for c in (3, 2, 1)], -1)  # jet
+    heat = Image.fromarray((rgb * 255).astype(np.uint8)).resize((right - left, bottom - top), Image.BILINEAR)
+    region = img.crop((left, top, right, bottom))
+    img.paste(Image.blend(region, heat, 0.5), (left, top))
+    img.save(out)
+
+
+@main.command()
+@click.option("--category", required=True)
+@_data_root_option
+@_index_dir_option
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@_friendly
+def evaluate(category, data_root, index_dir, as_json, batch_size):
+    """Image and pixel AUROC of CATEGORY's test split."""
+    from .pipeline import evaluate as run_evaluate
+
+    index = _load(index_dir, category)
+    res = run_evaluate(index, _data_root(data_root), category, batch_size=batch_size,
+                       progress=sys.stderr.isatty())
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    c = res["counts"]
+    click.echo(f"category      {category}")
+    click.echo(f"test images   {c['images']} ({c['good']} good, {c['anomalous']} anomalous)")
+    click.echo(f"image AUROC   {res['image_auroc']:.4f}")
+    click.echo(f"pixel AUROC   {res['pixel_auroc']:.4f}")
+    for d, v in res["per_defect_image_auroc"].items():
+        click.echo(f"  {d:<20} image AUROC {v:.4f}")
+    click.echo(f"query time    {res['seconds']:.1f} s ({res['seconds_per_image'] * 1000:.0f} ms/image)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Greedy k-center coreset subsampling (PatchCore §3.2, Algorithm 1).
+
+The memory bank is the subset M_C of the patch embeddings M chosen greedily: start
+from one seeded random patch, then repeatedly add the patch farthest (L2) from the
+patches chosen so far, until ``ratio * len(M)`` are chosen. As in the paper, the
+distances are computed on a Gaussian random projection of the embeddings to
+``projection_dim`` dimensions (Johnson-Lindenstrauss).
+
+The selection is exact greedy k-center on the projected points, made fast by
+pruning with the triangle inequality: the points are grouped into blocks by
+k-means (``faiss.Kmeans``), each with centre r_b and radius R_b. When a new centre c
+is added, a point x of block b can only get closer to the selection if
+||c - x|| < min_dist(x); since ||c - x|| >= ||c - r_b|| - R_b, a block with
+||c - r_b|| - R_b >= max_{x in b} min_dist(x) is skipped whole. Late in the
+selection most blocks are skipped, so the cost per step falls far below the
+O(N d) of the plain algorithm while the chosen points stay the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import InputError
+
+PROJECTION_DIM = 128
+
+
+def _check_embeddings(embeddings) -> tuple[int, int]:
+    shape = getattr(embeddings, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+        raise InputError(f"embeddings must be a non-empty (N, d) array, got shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def random_projection(embeddings, projection_dim: int = PROJECTION_DIM, seed: int = 0,
+                      chunk: int = 65536) -> np.ndarray:
+    """Project (N, d) embeddings to float32 (N, projection_dim) with a seeded Gaussian matrix.
+
+    The matrix has N(0, 1/projection_dim) entries, so squared L2 distances are preserved
+    in expectation. Reads ``embeddings`` (a numpy array or memory map) chunk by chunk.
+    If d <= projection_dim the embeddings are returned as float32 unchanged.
+
+    Raises:
+        InputError: not a 2-D array, or NaN/inf values.
+    """
+    n, d = _check_embeddings(embeddings)
+    matrix = None
+    if d > projection_dim:
+        rng = np.random.default_rng(seed)
+        matrix = (rng.standard_normal((d, projection_dim)) / math.sqrt(projection_dim)).astype(np.float32)
+    out = np.empty((n, projection_dim if matrix is not None else d), dtype=np.float32)
+    for start in range(0, n, chunk):
+        block = np.asarray(embeddings[start:start + chunk], dtype=np.float32)
+        if not np.isfinite(block).all():
+            raise InputError(f"embeddings contain NaN or infinite values (rows {start}..{start + len(block) - 1})")
+        if matrix is None:
+            out[start:start + len(block)] = block
+        else:
+            np.matmul(block, matrix, out=out[start:start + len(block)])
+    return out
+
+
+def _blocks(points: np.ndarray, num_blocks: int, seed: int):
+    """k-means blocks: (order, starts, sizes, centres (B, d), radii (B,) float64)."""
+    import faiss
+
+    n, d = points.shape
+    num_blocks = max(1, min(num_blocks, n // 8 or 1))
+    if num_blocks == 1:
+        assign = np.zeros(n, dtype=np.int64)
+    else:
+        km = faiss.Kmeans(d, num_blocks, niter=8, seed=seed, max_points_per_centroid=64, verbose=False)
+        km.train(points)
+        _, assign = km.index.search(points, 1)
+        assign = assign[:, 0]
+    order = np.argsort(assign, kind="stable")
+    sizes = np.bincount(assign, minlength=num_blocks)
+    keep = sizes > 0
+    sizes = sizes[keep]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    sorted_pts = points[order]
+    centres = np.add.reduceat(sorted_pts.astype(np.float64), starts, axis=0) / sizes[:, None]
+    diff = sorted_pts - np.repeat(centres, sizes, axis=0)
+    radii = np.sqrt(np.maximum.reduceat(np.einsum("ij,ij->i", diff, diff), starts))
+    return order, starts, sizes, centres.astype(np.float32), radii
+
+
+def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int = PROJECTION_DIM,
+                   num_blocks: int | None = None, progress: bool = False) -> np.ndarray:
+    """Greedy k-center coreset selection (PatchCore Algorithm 1).
+
+    Args:
+        embeddings: (N, d) float array (numpy array or memory map) of patch embeddings.
+        ratio: fraction of patches to select, in (0, 1]; ``max(1, int(N * ratio))`` are selected.
+        seed: seeds the random projection, the block k-means and the first centre.
+            The same input and seed always give the same selection.
+        projection_dim: dimension of the random projection used for distances
+            (no projection when d <= projection_dim).
+        num_blocks: number of pruning blocks (default about N / 256).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        int64 (n_select,) row indices into ``embeddings`` in selection order.
+
+    Raises:
+        InputError: ratio outside (0, 1], empty input or NaN/inf values.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise InputError(f"coreset ratio must be in (0, 1], got {ratio}")
+    n, _ = _check_embeddings(embeddings)
+    n_select = max(1, int(n * ratio))
+    points = random_projection(embeddings, projection_dim, seed)
+    if n_select >= n:
+        return np.arange(n, dtype=np.int64)
+
+    order, starts, sizes, centres, radii = _blocks(points, num_blocks or max(1, n // 256), seed)
+    pts = points[order]
+    norms = np.einsum("ij,ij->i", pts, pts)
+    nb = len(sizes)
+    min_sq = np.full(n, np.inf, dtype=np.float32)     # squared distance to the selection
+    block_max = np.full(nb, np.inf, dtype=np.float64)  # max of min_sq over each block
+    margin = 1e-4
+
+    rng = np.random.default_rng(seed)
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    current = int(position[rng.integers(n)])  # first centre: a seeded random patch
+    selected = np.empty(n_select, dtype=np.int64)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_select, desc="coreset", unit="pt", leave=False)
+    for step in range(n_select):
+        selected[step] = current
+        c = pts[current]
+        if step == n_select - 1:
+            break
+        # Blocks whose points may come closer to c than to the selection so far.
+        dc = np.sqrt(np.maximum(((centres - c) ** 2).sum(1, dtype=np.float64), 0.0))
+        gap = dc - radii
+        lower_sq = np.where(gap > 0, gap * gap, 0.0) * (1 - margin)
+        touch = np.nonzero(lower_sq < block_max)[0]
+        if touch.size:
+            t_sizes = sizes[touch]
+            idx = np.repeat(starts[touch] - np.concatenate([[0], np.cumsum(t_sizes)[:-1]]), t_sizes) \
+                + np.arange(int(t_sizes.sum()))
+            d2 = norms[idx] - 2.0 * (pts[idx] @ c) + norms[current]
+            np.minimum(min_sq[idx], d2, out=d2)
+            min_sq[idx] = d2
+            seg = np.concatenate([[0], np.cumsum(t_sizes)[:-1]])
+            block_max[touch] = np.maximum.reduceat(d2, seg)
+        b = int(np.argmax(block_max))
+        current = int(starts[b] + np.argmax(min_sq[starts[b]:starts[b] + sizes[b]]))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return order[selected]
+
+
+def covering_radius(embeddings: np.ndarray, selected: np.ndarray) -> float:
+    """Coreset covering radius: max over all rows of the L2 distance to the nearest selected row.
+
+    Exact, computed with ``faiss.IndexFlatL2`` on the full (unprojected) embeddings.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x[np.asarray(selected)])
+    d2, _ = index.search(x, 1)
+    return float(np.sqrt(max(float(d2.max()), 0.0)))

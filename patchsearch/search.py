@@ -1,0 +1,366 @@
+"""The query layer: :class:`PatchIndex`, a PatchCore memory bank you can search.
+
+For every test patch it returns the k nearest memory-bank distances (L2, not
+squared) and locations (memory-bank rows, which map back to the training image and
+patch position they came from), PatchCore's reweighted image score (paper Eq. 7,
+:func:`patchsearch.score.reweighted_scores`) and, for images, the anomaly map.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import index as faiss_index
+from .data import Geometry, iter_batches
+from .errors import IndexFormatError, InputError
+from .manifest import atomic_directory, package_versions, read_manifest, write_manifest
+from .score import SIGMA, anomaly_maps, reweighted_scores
+from .store import BANK_FILE, read_bank, write_bank
+
+K = 9  # nearest neighbours reported per patch
+B = 9  # support-set size |N_b(m*)| of Eq. 7
+
+
+@dataclass
+class SearchResult:
+    """Search results for N images of P patches each.
+
+    Attributes:
+        distances: float32 (N, P, k) L2 distances to the k nearest memory-bank rows, ascending.
+        locations: int64 (N, P, k) memory-bank rows of those neighbours.
+        image_scores: float32 (N,) reweighted image scores (Eq. 7).
+        top_patches: int64 (N,) flat index of the patch with the largest nearest-neighbour distance.
+        grid: (h, w) patch grid, P = h * w (None for :meth:`PatchIndex.search` on flat patch lists).
+        anomaly_maps: float32 (N, H, W) anomaly maps in crop pixels, or None.
+        paths: image paths, or None.
+        errors: {image position: message} for images that could not be read (their
+            rows hold NaN scores and -1 locations).
+    """
+
+    distances: np.ndarray
+    locations: np.ndarray
+    image_scores: np.ndarray
+    top_patches: np.ndarray
+    grid: tuple[int, int] | None = None
+    anomaly_maps: np.ndarray | None = None
+    paths: list[str] | None = None
+    errors: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def patch_scores(self) -> np.ndarray:
+        """float32 (N, P): nearest-neighbour L2 distance of every patch."""
+        return self.distances[..., 0]
+
+
+def _check_bank(bank) -> np.ndarray:
+    if not isinstance(bank, np.ndarray) or bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
+        raise InputError(f"memory bank must be a non-empty (M, d) numpy array, got "
+                         f"{getattr(bank, 'shape', type(bank).__name__)}")
+    if not np.issubdtype(bank.dtype, np.floating):
+        raise InputError(f"memory bank must be floating point, got {bank.dtype}")
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    if not np.isfinite(bank).all():
+        raise InputError("memory bank contains NaN or infinite values")
+    return bank
+
+
+class PatchIndex:
+    """A PatchCore memory bank in sharded FAISS indexes.
+
+    Build one with :meth:`from_embeddings` (library use) or ``patchsearch build``
+    (which also records the backbone so that :meth:`query` can embed images), open
+    one with :meth:`load`.
+
+    Attributes:
+        bank: float32 (M, d) memory bank.
+        meta: build metadata (backbone, geometry, coreset, ...), as in the manifest.
+        sources: None, or where each bank row came from:
+            {"store_row": (M,), "image": [M paths], "row": (M,), "col": (M,)}.
+    """
+
+    def __init__(self, bank: np.ndarray, shards: list, meta: dict | None = None,
+                 sources: dict | None = None, gpu: bool | None = None):
+        self.bank = bank
+        self.shards = shards
+        self.meta = dict(meta or {})
+        self.sources = sources
+        self.path: Path | None = None
+        self._searcher = faiss_index.ShardedSearcher(shards, gpu=gpu)
+        self._embedder = None
+
+    # construction -------------------------------------------------------------------
+    @classmethod
+    def from_embeddings(cls, bank: np.ndarray, shards: int = 1, index: str = "flat", *,
+                        meta: dict | None = None, sources: dict | None = None,
+                        gpu: bool | None = None) -> "PatchIndex":
+        """Index a memory bank.
+
+        Args:
+            bank: float (M, d) memory bank (converted to float32).
+            shards: number of FAISS shards (contiguous row ranges; results equal one shard).
+            index: ``"flat"`` (exact L2, ``faiss.IndexFlatL2``).
+            meta, sources: build metadata and bank-row sources (see class attributes).
+            gpu: place shards on GPUs; None = when faiss sees GPUs.
+
+        Raises:
+            InputError: not a non-empty 2-D float array, NaN/inf values, bad shard count.
+        """
+        bank = _check_bank(bank)
+        built = faiss_index.build_shards(bank, shards, index)
+        meta = {**(meta or {}), "index_type": index}
+        return cls(bank, built, meta=meta, sources=sources, gpu=gpu)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, gpu: bool | None = None) -> "PatchIndex":
+        """Open an index directory written by :meth:`save` or ``patchsearch build``.
+
+        Raises:
+            IndexFormatError: missing directory or manifest, unknown format version,
+                missing, truncated or inconsistent files.
+        """
+        path = Path(path)
+        manifest = read_manifest(path)
+        try:
+            bank_info = manifest["memory_bank"]
+            shard_info = manifest["index"]["shards"]
+        except (KeyError, TypeError):
+            raise IndexFormatError(f"{path / 'manifest.json'}: incomplete manifest") from None
+        bank, sources = read_bank(path / bank_info["file"])
+        if bank.shape != (bank_info["size"], manifest["embedding_dim"]):
+            raise IndexFormatError(f"{path / bank_info['file']}: memory bank is {bank.shape}, manifest says "
+                                   f"({bank_info['size']}, {manifest['embedding_dim']})")
+        shards = [faiss_index.read_shard(path / s["file"], bank.shape[1], s["stop"] - s["start"])
+                  for s in shard_info]
+        meta = {k: v for k, v in manifest.items() if k not in ("format", "format_version")}
+        out = cls(bank, shards, meta=meta, sources=sources, gpu=gpu)
+        out.path = path
+        return out
+
+    def write(self, directory: str | os.PathLike, extra: dict | None = None) -> None:
+        """Write shards, memory bank and manifest into an existing directory (not atomic)."""
+        directory = Path(directory)
+        names = faiss_index.write_shards(self.shards, directory)
+        bounds = faiss_index.shard_bounds(len(self.bank), len(self.shards))
+        write_bank(directory / BANK_FILE, self.bank, self.sources)
+        self.meta.update(extra or {})
+        self.meta.update({
+            "embedding_dim": self.dim,
+            "memory_bank": {"file": BANK_FILE, "size": self.size},
+            "index": {"type": self.meta.get("index_type", "flat"), "metric": "L2",
+                      "shards": [{"file": n, "start": a, "stop": b} for n, (a, b) in zip(names, bounds)]},
+            "versions": package_versions(),
+        })
+        write_manifest(directory, self.meta)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index to ``path``, replacing what is there only once complete."""
+        with atomic_directory(path) as tmp:
+            self.write(tmp)
+        self.path = Path(path)
+
+    # properties ---------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """Embedding dimension d."""
+        return int(self.bank.shape[1])
+
+    @property
+    def size(self) -> int:
+        """Memory-bank size M."""
+        return int(self.bank.shape[0])
+
+    @property
+    def geometry(self) -> Geometry:
+        g = self.meta.get("geometry") or {}
+        return Geometry(**g) if g else Geometry()
+
+    # search -------------------------------------------------------------------------
+    def knn(self, queries: np.ndarray, k: int = K) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest memory-bank rows: (L2 distances float32 (n, k), rows int64 (n, k)).
+
+        Raises:
+            InputError: not (n, d), NaN/inf values, k outside [1, M].
+        """
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise InputError(f"queries must be (n, {self.dim}), got {queries.shape}")
+        if not 1 <= k <= self.size:
+            raise InputError(f"k={k} must be between 1 and the memory-bank size {self.size}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if not np.isfinite(queries).all():
+            raise InputError("query embeddings contain NaN or infinite values")
+        d2, rows = self._searcher.search(queries, k)
+        return np.sqrt(np.maximum(d2, 0.0)), rows
+
+    def support_sets(self, rows: np.ndarray, b: int = B) -> np.ndarray:
+        """N_b(m) for memory-bank rows m: int64 (n, min(b, M)), m itself first, then its
+        nearest other bank rows in increasing L2 distance."""
+        rows = np.asarray(rows, dtype=np.int64)
+        b = min(b, self.size)
+        _, nn = self.knn(self.bank[rows], min(b + 1, self.size))
+        out = np.empty((len(rows), b), dtype=np.int64)
+        for i, (m, cand) in enumerate(zip(rows, nn)):
+            out[i, 0] = m
+            out[i, 1:] = cand[cand != m][:b - 1]
+        return out
+
+    def search(self, patches: np.ndarray, k: int = K, b: int = B) -> SearchResult:
+        """Search the patch embeddings of N images.
+
+        Args:
+            patches: float32 (N, P, d) patch embeddings.
+            k: neighbours reported per patch (1 <= k <= M).
+            b: support-set size of Eq. 7 (clipped to M).
+
+        Returns:
+            :class:`SearchResult` with distances, locations, image scores and top patches.
+
+        Raises:
+            InputError: wrong shape or dimension, NaN/inf values, k outside [1, M].
+        """
+        patches = np.asarray(patches)
+        if patches.ndim != 3 or patches.shape[2] != self.dim or patches.shape[1] == 0:
+            raise InputError(f"patches must be (N, P, {self.dim}), got {patches.shape}")
+        n, p, d = patches.shape
+        dist, loc = self.knn(patches.reshape(n * p, d), k)
+        dist, loc = dist.reshape(n, p, k), loc.reshape(n, p, k)
+        top = dist[..., 0].argmax(axis=1)
+        ar = np.arange(n)
+        s_star = dist[ar, top, 0]
+        support = self.support_sets(loc[ar, top, 0], b) if n else np.empty((0, 1), np.int64)
+        scores = reweighted_scores(patches[ar, top], s_star, support, self.bank)
+        return SearchResult(dist, loc, scores, top.astype(np.int64))
+
+    # images -------------------------------------------------------------------------
+    @property
+    def embedder(self):
+        """The :class:`~patchsearch.features.PatchEmbedder` this index was built with.
+
+        Raises:
+            IndexFormatError: the index records no backbone, or its weights changed.
+        """
+        if self._embedder is None:
+            from .features import PatchEmbedder
+
+            bb = self.meta.get("backbone")
+            if not bb:
+                raise IndexFormatError("this index was built from raw embeddings and records no backbone: "
+                                       "use search() with patch embeddings")
+            emb = PatchEmbedder(bb["name"], bb["layers"], bb.get("weights_path"),
+                                bb["embed_dim"] if bb.get("reduced") else None)
+            if emb.dim != self.dim:
+                raise IndexFormatError(f"backbone {bb['name']} gives {emb.dim}-d embeddings, index holds {self.dim}-d")
+            recorded = (bb.get("weights") or {}).get("sha256")
+            if recorded and emb.weights_id.get("sha256") and recorded != emb.weights_id["sha256"]:
+                raise IndexFormatError(f"the weights of {bb['name']} ({emb.weights_id['source']}) differ from "
+                                       f"those the index was built with ({bb['weights']['source']})")
+            self._embedder = emb
+        return self._embedder
+
+    def iter_query(self, images, k: int = K, b: int = B, batch_size: int = 16, maps: bool = True,
+                   sigma: float = SIGMA) -> Iterator[SearchResult]:
+        """Like :meth:`query`, one :class:`SearchResult` per batch of images (bounded memory)."""
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise InputError(f"image tensor must be (N, 3, H, W), got {tuple(images.shape)}")
+            for start in range(0, len(images), batch_size):
+                yield self._score_batch(images[start:start + batch_size].float(), k, b, maps, sigma)
+            return
+        paths = [Path(p) for p in images]
+        for batch, good, errors in iter_batches(paths, self.geometry, batch_size):
+            first = min(list(good) + list(errors))
+            n = len(good) + len(errors)
+            local = {i - first: e for i, e in errors.items()}
+            part = self._score_batch(batch, k, b, maps, sigma) if batch is not None else None
+            yield _expand(part, [i - first for i in good], n, local, [str(paths[i]) for i in range(first, first + n)],
+                          k, self.patch_count(), self.geometry.crop if maps else None)
+
+    def query(self, images, k: int = K, b: int = B, batch_size: int = 16, maps: bool = True,
+              sigma: float = SIGMA) -> SearchResult:
+        """Embed and search images with the backbone the index was built with.
+
+        Args:
+            images: image paths (str or Path), or a float32 tensor (N, 3, H, W) already
+                preprocessed (normalised, cropped) like :meth:`patchsearch.data.Geometry.image_tensor`.
+            k, b: see :meth:`search`.
+            batch_size: images embedded at a time.
+            maps: compute anomaly maps (N, H, W) (crop size for paths, H x W for tensors).
+            sigma: Gaussian blur of the anomaly maps, pixels.
+
+        Returns:
+            :class:`SearchResult` with ``paths`` (for path input), ``anomaly_maps`` and
+            ``errors`` for unreadable images.
+        """
+        parts = list(self.iter_query(images, k, b, batch_size, maps, sigma))
+        if not parts:
+            raise InputError("no image to query")
+        out = SearchResult(
+            np.concatenate([p.distances for p in parts]), np.concatenate([p.locations for p in parts]),
+            np.concatenate([p.image_scores for p in parts]), np.concatenate([p.top_patches for p in parts]),
+            grid=parts[0].grid,
+            anomaly_maps=np.concatenate([p.anomaly_maps for p in parts]) if maps else None,
+            paths=sum((p.paths for p in parts), []) if parts[0].paths is not None else None)
+        offset = 0
+        for p in parts:
+            out.errors.update({offset + i: e for i, e in p.errors.items()})
+            offset += len(p.image_scores)
+        return out
+
+    def _score_batch(self, batch: torch.Tensor, k: int, b: int, maps: bool, sigma: float) -> SearchResult:
+        emb = self.embedder(batch).numpy()  # (B, h, w, d)
+        n, h, w, d = emb.shape
+        result = self.search(emb.reshape(n, h * w, d), k, b)
+        result.grid = (h, w)
+        if maps:
+            result.anomaly_maps = anomaly_maps(result.patch_scores.reshape(n, h, w), tuple(batch.shape[-2:]), sigma)
+        return result
+
+    def patch_count(self) -> int:
+        """Patches per image P = h * w for this index's backbone and crop size."""
+        if "grid" in self.meta:
+            h, w = self.meta["grid"]
+            return int(h * w)
+        crop = self.geometry.crop
+        with torch.no_grad():
+            emb = self.embedder(torch.zeros(1, 3, crop, crop))
+        self.meta["grid"] = [int(emb.shape[1]), int(emb.shape[2])]
+        return int(emb.shape[1] * emb.shape[2])
+
+    def describe_locations(self, rows: Sequence[int]) -> list[dict]:
+        """Training patch behind each memory-bank row: [{"bank_row", "image", "row", "col"}]."""
+        out = []
+        for r in rows:
+            r = int(r)
+            item = {"bank_row": r}
+            if self.sources is not None and r >= 0:
+                item.update(image=self.sources["image"][r], row=int(self.sources["row"][r]),
+                            col=int(self.sources["col"][r]))
+            out.append(item)
+        return out
+
+
+def _expand(part: SearchResult | None, good: list[int], n: int, errors: dict, paths: list[str], k: int,
+            p: int, crop: int | None) -> SearchResult:
+    """Place the results of the readable images of a batch among its unreadable ones."""
+    if part is not None and len(good) == n:
+        part.paths, part.errors = paths, errors
+        return part
+    dist = np.full((n, p, k), np.nan, np.float32)
+    loc = np.full((n, p, k), -1, np.int64)
+    scores = np.full(n, np.nan, np.float32)
+    top = np.full(n, -1, np.int64)
+    amaps = np.full((n, crop, crop), np.nan, np.float32) if crop else None
+    grid = None
+    if part is not None:
+        dist[good], loc[good], scores[good], top[good] = part.distances, part.locations, part.image_scores, \
+            part.top_patches
+        if amaps is not None:
+            amaps[good] = part.anomaly_maps
+        grid = part.grid
+    return SearchResult(dist, loc, scores, top, grid=grid, anomaly_maps=amaps, paths=paths, errors=errors)
