@@ -129,6 +129,7 @@ def query(images, category, index_dir, maps_dir, k, batch_size):
     if maps_dir is not None:
         maps_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
+    written: set[Path] = set()
     for part in index.iter_query(paths, k=k, batch_size=batch_size, maps=maps_dir is not None):
         h, w = part.grid or (0, 0)
         for i, path in enumerate(part.paths):
@@ -143,13 +144,23 @@ def query(images, category, index_dir, maps_dir, k, batch_size):
                    "locations": [int(x) for x in part.locations[i, top]],
                    "neighbours": index.describe_locations(part.locations[i, top])}
             if maps_dir is not None:
-                out = maps_dir / f"{Path(path).stem}_anomaly_map.png"
+                out = _unique(maps_dir / f"{Path(path).parent.name}_{Path(path).stem}_anomaly_map.png", written)
                 _write_heatmap(path, part.anomaly_maps[i], index.geometry, out)
                 rec["anomaly_map"] = str(out)
             click.echo(json.dumps(rec))
     if failed:
         click.echo(f"error: {failed} of {len(paths)} images could not be scored", err=True)
         sys.exit(1)
+
+
+def _unique(path: Path, taken: set) -> Path:
+    """``path``, or ``path`` with _2, _3, ... before the suffix if already written this run."""
+    out, n = path, 1
+    while out in taken:
+        n += 1
+        out = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    taken.add(out)
+    return out
 
 
 def _write_heatmap(image_path: str, amap: np.ndarray, geometry, out: Path) -> None:

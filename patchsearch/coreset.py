@@ -116,17 +116,21 @@ def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int 
         return np.arange(n, dtype=np.int64)
 
     order, starts, sizes, centres, radii = _blocks(points, num_blocks or max(1, n // 256), seed)
-    pts = points[order]
+    pts = points[order]                                   # block-contiguous
     norms = np.einsum("ij,ij->i", pts, pts)
+    centre_norms = np.einsum("ij,ij->i", centres, centres)
     nb = len(sizes)
-    min_sq = np.full(n, np.inf, dtype=np.float32)     # squared distance to the selection
-    block_max = np.full(nb, np.inf, dtype=np.float64)  # max of min_sq over each block
+    ends = starts + sizes
+    min_sq = np.full(n, np.inf, dtype=np.float32)         # squared distance to the selection
+    upper = np.full(nb, np.inf)                           # >= max of min_sq over each block
+    applied = np.zeros(nb, dtype=np.int64)                # selected centres already applied per block
+    sel_pts = np.empty((n_select, pts.shape[1]), dtype=np.float32)
+    sel_norms = np.empty(n_select, dtype=np.float32)
     margin = 1e-4
 
-    rng = np.random.default_rng(seed)
     position = np.empty(n, dtype=np.int64)
     position[order] = np.arange(n)
-    current = int(position[rng.integers(n)])  # first centre: a seeded random patch
+    current = int(position[np.random.default_rng(seed).integers(n)])  # first centre: a seeded random patch
     selected = np.empty(n_select, dtype=np.int64)
     bar = None
     if progress:
@@ -135,25 +139,29 @@ def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int 
         bar = tqdm(total=n_select, desc="coreset", unit="pt", leave=False)
     for step in range(n_select):
         selected[step] = current
-        c = pts[current]
+        sel_pts[step], sel_norms[step] = pts[current], norms[current]
         if step == n_select - 1:
             break
-        # Blocks whose points may come closer to c than to the selection so far.
-        dc = np.sqrt(np.maximum(((centres - c) ** 2).sum(1, dtype=np.float64), 0.0))
-        gap = dc - radii
-        lower_sq = np.where(gap > 0, gap * gap, 0.0) * (1 - margin)
-        touch = np.nonzero(lower_sq < block_max)[0]
-        if touch.size:
-            t_sizes = sizes[touch]
-            idx = np.repeat(starts[touch] - np.concatenate([[0], np.cumsum(t_sizes)[:-1]]), t_sizes) \
-                + np.arange(int(t_sizes.sum()))
-            d2 = norms[idx] - 2.0 * (pts[idx] @ c) + norms[current]
-            np.minimum(min_sq[idx], d2, out=d2)
-            min_sq[idx] = d2
-            seg = np.concatenate([[0], np.cumsum(t_sizes)[:-1]])
-            block_max[touch] = np.maximum.reduceat(d2, seg)
-        b = int(np.argmax(block_max))
-        current = int(starts[b] + np.argmax(min_sq[starts[b]:starts[b] + sizes[b]]))
+        done = step + 1
+        # Lazy update: only the block with the largest upper bound is brought up to date
+        # (against the centres chosen since its last update that can reach it), until the
+        # top block is current; its farthest point is then the exact greedy choice.
+        while True:
+            b = int(np.argmax(upper))
+            if applied[b] == done:
+                break
+            lo, hi = starts[b], ends[b]
+            cand = slice(int(applied[b]), done)
+            dc = np.sqrt(np.maximum(sel_norms[cand] - 2.0 * (sel_pts[cand] @ centres[b]) + centre_norms[b], 0.0))
+            gap = dc - radii[b]
+            near = np.nonzero((gap <= 0) | (gap * gap * (1 - margin) < upper[b]))[0]
+            if near.size:
+                c = sel_pts[cand][near]
+                d2 = (norms[lo:hi, None] - 2.0 * (pts[lo:hi] @ c.T) + sel_norms[cand][near][None, :]).min(1)
+                np.minimum(min_sq[lo:hi], d2, out=min_sq[lo:hi])
+                upper[b] = float(min_sq[lo:hi].max())
+            applied[b] = done
+        current = int(starts[b] + np.argmax(min_sq[starts[b]:ends[b]]))
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -1,0 +1,118 @@
+"""The CLI end to end: on generated data (always) and on the real MVTec AD bottle (when present)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from patchsearch import PatchIndex
+from patchsearch.cli import main
+
+SMALL = ["--resize", "64", "--crop", "64", "--batch-size", "4"]
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def test_build_query_evaluate_generated(tmp_path, mvtec_root):
+    idx = tmp_path / "indexes"
+    r = _run("build", "--category", "widget", "--data-root", mvtec_root, "--index-dir", idx,
+             "--coreset-ratio", "0.25", "--shards", "2", *SMALL)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["memory_bank"] == int(6 * 8 * 8 * 0.25) and out["dim"] == 152 and out["shards"] == 2
+    man = json.loads((idx / "widget/manifest.json").read_text())
+    assert man["backbone"]["name"] == "efficientnet_lite0" and man["backbone"]["layers"] == ["_blocks.4", "_blocks.10"]
+    assert man["geometry"] == {"resize": 64, "crop": 64} and man["grid"] == [8, 8]
+    assert man["coreset"]["ratio"] == 0.25 and man["store"]["num_patches"] == 6 * 64
+    assert sorted(p.name for p in (idx / "widget").iterdir()) == [
+        "manifest.json", "memory_bank.arrow", "patches.arrow", "shard_000.faiss", "shard_001.faiss"]
+
+    good = mvtec_root / "widget/test/good/000.png"
+    bad = mvtec_root / "widget/test/blob/000.png"
+    r = _run("query", good, bad, "--category", "widget", "--index-dir", idx, "--maps", tmp_path / "maps")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    assert [x["path"] for x in lines] == [str(good), str(bad)]
+    for x in lines:
+        assert len(x["distances"]) == 9 and len(x["locations"]) == 9
+        assert x["distances"] == sorted(x["distances"]) and x["image_score"] <= x["distances"][0] + 1e-4
+        assert {"image", "row", "col", "bank_row"} <= set(x["neighbours"][0])
+        assert 0 <= x["top_patch"]["row"] < 8 and Path(x["anomaly_map"]).is_file()
+    assert lines[1]["image_score"] > lines[0]["image_score"]  # the red blob scores higher
+    assert Image.open(lines[0]["anomaly_map"]).size == (64, 64)
+
+    r = _run("evaluate", "--category", "widget", "--data-root", mvtec_root, "--index-dir", idx, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["counts"]["images"] == 6 and res["image_auroc"] == 1.0 and res["pixel_auroc"] > 0.9
+
+
+def test_query_reports_bad_image_and_scores_the_rest(tmp_path, mvtec_root):
+    idx = tmp_path / "indexes"
+    assert _run("build", "--category", "widget", "--data-root", mvtec_root, "--index-dir", idx,
+                *SMALL).exit_code == 0
+    broken = tmp_path / "broken.png"
+    broken.write_text("not a png")
+    good = mvtec_root / "widget/test/good/001.png"
+    r = CliRunner().invoke(main, ["query", str(broken), str(good), "--category", "widget", "--index-dir", str(idx)])
+    assert r.exit_code == 1
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    assert "broken.png: not a readable image" in lines[0]["error"]
+    assert lines[1]["path"] == str(good) and lines[1]["image_score"] > 0
+
+
+def test_clear_errors_without_traceback(tmp_path, mvtec_root):
+    cases = [
+        (["build", "--category", "nothing", "--data-root", mvtec_root], "category 'nothing' not found"),
+        (["build", "--category", "widget", "--data-root", tmp_path / "nope"], "does not exist"),
+        (["query", mvtec_root / "widget/test/good/000.png", "--category", "widget", "--index-dir", tmp_path],
+         "no index at"),
+        (["build", "--category", "widget", "--data-root", mvtec_root, "--coreset-ratio", "2"], "coreset-ratio"),
+    ]
+    for args, msg in cases:
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 1, (args, r.output)
+        assert msg in r.stderr and "Traceback" not in r.output
+
+
+@pytest.mark.slow
+def test_bottle_end_to_end(tmp_path, bottle_root):
+    """The main job on the real MVTec AD bottle images, through the installed console script."""
+    exe = shutil.which("patchsearch") or pytest.skip("patchsearch console script not installed")
+    env = {**os.environ, "PATCHSEARCH_DATA_ROOT": str(bottle_root)}
+    idx = tmp_path / "indexes"
+
+    def run(*args):
+        p = subprocess.run([exe, *map(str, args)], env=env, capture_output=True, text=True, timeout=1200)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    build = json.loads(run("build", "--category", "bottle", "--index-dir", idx).splitlines()[-1])
+    assert build["memory_bank"] == int(209 * 28 * 28 * 0.1) and build["dim"] == 152
+    res = json.loads(run("evaluate", "--category", "bottle", "--index-dir", idx, "--json"))
+    print("bottle:", res)
+    assert res["counts"] == {"images": 83, "good": 20, "anomalous": 63, "pixels": 83 * 224 * 224,
+                             "anomalous_pixels": res["counts"]["anomalous_pixels"]}
+    assert res["image_auroc"] >= 0.995
+    assert res["pixel_auroc"] >= 0.980
+    test = bottle_root / "bottle" / "test"
+    lines = [json.loads(x) for x in run("query", test / "good/000.png", test / "broken_large/000.png",
+                                        "--category", "bottle", "--index-dir", idx, "--maps", tmp_path).splitlines()]
+    assert lines[1]["image_score"] > lines[0]["image_score"]
+    assert Path(lines[1]["neighbours"][0]["image"]).parent.name == "good"
+    assert Image.open(lines[1]["anomaly_map"]).size == (900, 900)
+    # library: the loaded index answers like the CLI
+    index = PatchIndex.load(idx / "bottle")
+    lib = index.query([test / "broken_large/000.png"])
+    assert lib.image_scores[0] == pytest.approx(lines[1]["image_score"], rel=1e-5)
+    assert lib.anomaly_maps.shape == (1, 224, 224)

