@@ -52,6 +52,35 @@ def _index_dir_option(fn):
                         show_default=True, help="where indexes live (<index-dir>/<category>/)")(fn)
 
 
+def _index_options(fn):
+    """--index, --nlist, --pq-m, --pq-bits, --nprobe, --rerank (build and rebuild)."""
+    opts = [
+        click.option("--index", "index_type", type=click.Choice(["flat", "ivfpq"]), default=None,
+                     help="flat (exact L2) or ivfpq (compressed) [build default: flat; rebuild: as before]"),
+        click.option("--nlist", type=click.IntRange(min=1), default=None, help="IVF lists [auto]"),
+        click.option("--pq-m", type=click.IntRange(min=1), default=None, help="PQ bytes per vector [auto]"),
+        click.option("--pq-bits", type=click.IntRange(min=1, max=16), default=None, help="bits per PQ code [8]"),
+        click.option("--nprobe", type=click.IntRange(min=1), default=None,
+                     help="IVF lists visited per query [auto: raised until recall@9 >= 0.95]"),
+        click.option("--rerank", type=click.IntRange(min=0), default=None,
+                     help="IVF-PQ candidates per neighbour re-ranked exactly [8]; 0 = PQ distances"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _index_params(nlist, pq_m, pq_bits, nprobe, rerank) -> dict:
+    given = {"nlist": nlist, "pq_m": pq_m, "pq_bits": pq_bits, "nprobe": nprobe, "rerank": rerank}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _summary(index) -> str:
+    return json.dumps({"index": str(index.path), "type": index.index_type, "memory_bank": index.size,
+                       "dim": index.dim, "shards": len(index.shards), "ivfpq": index.meta.get("ivfpq"),
+                       "timings": index.meta.get("timings")})
+
+
 def _data_root(value):
     from .data import default_data_root
 
@@ -80,12 +109,13 @@ def main(debug):
 @click.option("--coreset-ratio", type=float, default=0.1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True)
+@_index_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="image-decoding worker processes")
 @_friendly
 def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, resize, crop, coreset_ratio,
-          seed, shards, batch_size, workers):
+          seed, shards, index_type, nlist, pq_m, pq_bits, nprobe, rerank, batch_size, workers):
     """Build the memory-bank index of CATEGORY from its train/good images."""
     from .data import Geometry, train_images
     from .pipeline import build as run_build
@@ -94,16 +124,38 @@ def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, 
     index = run_build(paths, index_dir / category, category=category, backbone=backbone,
                       layers=layers.split(",") if layers else None, weights=weights, embed_dim=embed_dim,
                       geometry=Geometry(resize, crop), coreset_ratio=coreset_ratio, seed=seed, shards=shards,
+                      index=index_type or "flat", index_params=_index_params(nlist, pq_m, pq_bits, nprobe, rerank),
                       batch_size=batch_size, workers=workers, progress=sys.stderr.isatty(),
                       log=lambda m: click.echo(m, err=True))
-    click.echo(json.dumps({"index": str(index.path), "memory_bank": index.size, "dim": index.dim,
-                           "shards": len(index.shards), "timings": index.meta.get("timings")}))
+    click.echo(_summary(index))
 
 
-def _load(index_dir: Path, category: str):
+@main.command()
+@click.option("--category", required=True)
+@_index_dir_option
+@click.option("--coreset-ratio", type=float, default=None, help="[as before]")
+@click.option("--seed", type=int, default=None, help="[as before]")
+@click.option("--shards", type=click.IntRange(min=1), default=None, help="[as before]")
+@_index_options
+@_friendly
+def rebuild(category, index_dir, coreset_ratio, seed, shards, index_type, nlist, pq_m, pq_bits, nprobe, rerank):
+    """Rebuild CATEGORY's index from its Arrow patch store (no images, no backbone)."""
+    from .pipeline import rebuild as run_rebuild
+
+    index = run_rebuild(index_dir / category, coreset_ratio=coreset_ratio, seed=seed, shards=shards,
+                        index=index_type, index_params=_index_params(nlist, pq_m, pq_bits, nprobe, rerank),
+                        progress=sys.stderr.isatty(), log=lambda m: click.echo(m, err=True))
+    click.echo(_summary(index))
+
+
+def _load(index_dir: Path, category: str, nprobe: int | None = None):
     from .search import PatchIndex
 
-    return PatchIndex.load(index_dir / category)
+    return PatchIndex.load(index_dir / category, nprobe=nprobe)
+
+
+_nprobe_option = click.option("--nprobe", type=click.IntRange(min=1), default=None,
+                              help="IVF-PQ: lists visited per query [as built]")
 
 
 @main.command()
@@ -114,8 +166,9 @@ def _load(index_dir: Path, category: str):
               help="write each anomaly map as a heatmap PNG over the image into this folder")
 @click.option("--k", type=click.IntRange(min=1), default=9, show_default=True, help="neighbours per patch")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@_nprobe_option
 @_friendly
-def query(images, category, index_dir, maps_dir, k, batch_size):
+def query(images, category, index_dir, maps_dir, k, batch_size, nprobe):
     """Score IMAGES (files or folders): one JSON line per image.
 
     Each line has path, image_score (Eq. 7), the top patch's row/col, its k nearest
@@ -124,7 +177,7 @@ def query(images, category, index_dir, maps_dir, k, batch_size):
     """
     from .data import list_images
 
-    index = _load(index_dir, category)
+    index = _load(index_dir, category, nprobe)
     paths = list_images(images)
     if maps_dir is not None:
         maps_dir.mkdir(parents=True, exist_ok=True)
@@ -186,12 +239,13 @@ def _write_heatmap(image_path: str, amap: np.ndarray, geometry, out: Path) -> No
 @_index_dir_option
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@_nprobe_option
 @_friendly
-def evaluate(category, data_root, index_dir, as_json, batch_size):
+def evaluate(category, data_root, index_dir, as_json, batch_size, nprobe):
     """Image and pixel AUROC of CATEGORY's test split."""
     from .pipeline import evaluate as run_evaluate
 
-    index = _load(index_dir, category)
+    index = _load(index_dir, category, nprobe)
     res = run_evaluate(index, _data_root(data_root), category, batch_size=batch_size,
                        progress=sys.stderr.isatty())
     if as_json:

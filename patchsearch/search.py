@@ -85,40 +85,124 @@ class PatchIndex:
     """
 
     def __init__(self, bank: np.ndarray, shards: list, meta: dict | None = None,
-                 sources: dict | None = None, gpu: bool | None = None):
+                 sources: dict | None = None, support: np.ndarray | None = None,
+                 gpu: bool | None = None, exact: str = "faiss"):
         self.bank = bank
         self.shards = shards
         self.meta = dict(meta or {})
         self.sources = sources
+        self.support = support
         self.path: Path | None = None
         self._searcher = faiss_index.ShardedSearcher(shards, gpu=gpu)
+        self.params = dict(self.meta.get("ivfpq") or {})
+        if self._searcher.is_ivf and "nprobe" in self.params:
+            self._searcher.set_nprobe(self.params["nprobe"])
+        self._bf16 = None
+        if exact not in ("faiss", "bf16", "auto"):
+            raise InputError(f"exact search must be faiss, bf16 or auto, got {exact!r}")
+        if not self._searcher.is_ivf and not self._searcher.on_gpu and (
+                exact == "bf16" or (exact == "auto" and faiss_index.cpu_has_fast_bf16())):
+            self._bf16 = faiss_index.Bf16Flat(self.bank, self._searcher)
         self._embedder = None
 
     # construction -------------------------------------------------------------------
     @classmethod
     def from_embeddings(cls, bank: np.ndarray, shards: int = 1, index: str = "flat", *,
-                        meta: dict | None = None, sources: dict | None = None,
-                        gpu: bool | None = None) -> "PatchIndex":
+                        nlist: int | None = None, pq_m: int | None = None, pq_bits: int | None = None,
+                        nprobe: int | None = None, rerank: int | None = None, target_recall: float = 0.95,
+                        recall_queries: np.ndarray | None = None, support_sets: bool = True, b: int = B,
+                        seed: int = 0, meta: dict | None = None, sources: dict | None = None,
+                        gpu: bool | None = None, exact: str = "faiss") -> "PatchIndex":
         """Index a memory bank.
 
         Args:
             bank: float (M, d) memory bank (converted to float32).
-            shards: number of FAISS shards (contiguous row ranges; results equal one shard).
-            index: ``"flat"`` (exact L2, ``faiss.IndexFlatL2``).
+            shards: number of FAISS shards (results equal one shard; ids stay bank rows).
+            index: ``"flat"`` (exact L2, ``faiss.IndexFlatL2``) or ``"ivfpq"``
+                (``faiss.IndexIVFPQ`` candidates re-ranked with exact L2).
+            nlist, pq_m, pq_bits, nprobe, rerank: IVF-PQ parameters; those not given are
+                chosen by :func:`patchsearch.index.auto_ivfpq_params`, and nprobe is then
+                raised (doubling) until recall@9 reaches ``target_recall``.
+            recall_queries: float32 (n, d) held-aside patches for measuring IVF-PQ
+                recall@9 against exact search (default: 1000 bank rows, themselves excluded).
+            support_sets: precompute N_b(m) for every bank row (exact kNN graph of the
+                bank) so that a query needs one search instead of two (Eq. 7).
+            b: support-set size.
+            seed: seeds the IVF-PQ training sample and k-means.
             meta, sources: build metadata and bank-row sources (see class attributes).
             gpu: place shards on GPUs; None = when faiss sees GPUs.
+            exact: flat search on CPU: ``"faiss"`` (IndexFlatL2), ``"bf16"``
+                (:class:`patchsearch.index.Bf16Flat`, same results) or ``"auto"``.
 
         Raises:
-            InputError: not a non-empty 2-D float array, NaN/inf values, bad shard count.
+            InputError: not a non-empty 2-D float array, NaN/inf values, bad shard count or
+                IVF-PQ parameters.
         """
         bank = _check_bank(bank)
-        built = faiss_index.build_shards(bank, shards, index)
         meta = {**(meta or {}), "index_type": index}
-        return cls(bank, built, meta=meta, sources=sources, gpu=gpu)
+        params = None
+        if index == "ivfpq":
+            params = faiss_index.auto_ivfpq_params(len(bank), bank.shape[1], nlist, pq_m, pq_bits, nprobe, rerank)
+            meta["ivfpq"] = params
+        built = faiss_index.build_shards(bank, shards, index, params, seed=seed)
+        out = cls(bank, built, meta=meta, sources=sources, gpu=gpu, exact=exact)
+        if index == "ivfpq":
+            out._tune(recall_queries, target_recall, tune=nprobe is None, seed=seed)
+        if support_sets:
+            out.support = out.exact_support_sets(b)
+        return out
+
+    def _tune(self, queries, target: float, tune: bool, seed: int) -> None:
+        """Measure IVF-PQ recall@9 (and raise nprobe until it reaches ``target`` if ``tune``)."""
+        rng = np.random.default_rng(seed)
+        self_excluded = queries is None
+        if self_excluded:
+            queries = self.bank[np.sort(rng.choice(self.size, min(1000, self.size), replace=False))]
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(K, self.size - (1 if self_excluded else 0))
+        truth = _exact_knn(self.bank, queries, k + self_excluded)[1]
+
+        def recall():
+            got = self.knn(queries, k + self_excluded)[1]
+            hits = 0
+            for t, g in zip(truth, got):
+                if self_excluded:
+                    t, g = t[1:], g[1:]  # the query itself (distance 0) comes first in both
+                hits += len(np.intersect1d(t, g))
+            return hits / (len(queries) * k)
+
+        nlist = self.params["nlist"]
+        r = recall()
+        while tune and r < target and self.params["nprobe"] < nlist:
+            self.set_nprobe(min(nlist, self.params["nprobe"] * 2))
+            r = recall()
+        self.params.update({"recall_at_9": round(r, 5), "recall_queries": len(queries),
+                            "recall_queries_kind": "bank rows (self excluded)" if self_excluded else "held-aside"})
+        self.meta["ivfpq"] = self.params
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """IVF-PQ: inverted lists visited per query (a query-time override).
+
+        Raises:
+            InputError: not an IVF-PQ index, or nprobe outside [1, nlist].
+        """
+        if not self._searcher.is_ivf:
+            raise InputError("--nprobe applies to IVF-PQ indexes only (this index is flat)")
+        if not 1 <= nprobe <= self.params["nlist"]:
+            raise InputError(f"--nprobe {nprobe} must be between 1 and nlist {self.params['nlist']}")
+        self.params["nprobe"] = int(nprobe)
+        self._searcher.set_nprobe(nprobe)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, gpu: bool | None = None) -> "PatchIndex":
+    def load(cls, path: str | os.PathLike, gpu: bool | None = None, nprobe: int | None = None,
+             exact: str = "faiss") -> "PatchIndex":
         """Open an index directory written by :meth:`save` or ``patchsearch build``.
+
+        Args:
+            path: the index directory.
+            gpu: place shards on GPUs; None = when faiss sees GPUs.
+            nprobe: IVF-PQ query-time override of the stored nprobe.
+            exact: see :meth:`from_embeddings`.
 
         Raises:
             IndexFormatError: missing directory or manifest, unknown format version,
@@ -129,16 +213,18 @@ class PatchIndex:
         try:
             bank_info = manifest["memory_bank"]
             shard_info = manifest["index"]["shards"]
+            dim = manifest["embedding_dim"]
         except (KeyError, TypeError):
             raise IndexFormatError(f"{path / 'manifest.json'}: incomplete manifest") from None
-        bank, sources = read_bank(path / bank_info["file"])
-        if bank.shape != (bank_info["size"], manifest["embedding_dim"]):
+        bank, sources, support = read_bank(path / bank_info["file"])
+        if bank.shape != (bank_info["size"], dim):
             raise IndexFormatError(f"{path / bank_info['file']}: memory bank is {bank.shape}, manifest says "
-                                   f"({bank_info['size']}, {manifest['embedding_dim']})")
-        shards = [faiss_index.read_shard(path / s["file"], bank.shape[1], s["stop"] - s["start"])
-                  for s in shard_info]
+                                   f"({bank_info['size']}, {dim})")
+        shards = [faiss_index.read_shard(path / s["file"], dim, s["stop"] - s["start"]) for s in shard_info]
         meta = {k: v for k, v in manifest.items() if k not in ("format", "format_version")}
-        out = cls(bank, shards, meta=meta, sources=sources, gpu=gpu)
+        out = cls(bank, shards, meta=meta, sources=sources, support=support, gpu=gpu, exact=exact)
+        if nprobe is not None:
+            out.set_nprobe(nprobe)
         out.path = path
         return out
 
@@ -147,12 +233,15 @@ class PatchIndex:
         directory = Path(directory)
         names = faiss_index.write_shards(self.shards, directory)
         bounds = faiss_index.shard_bounds(len(self.bank), len(self.shards))
-        write_bank(directory / BANK_FILE, self.bank, self.sources)
+        write_bank(directory / BANK_FILE, self.bank, self.sources, self.support)
         self.meta.update(extra or {})
+        index_bytes = sum((directory / n).stat().st_size for n in names)
         self.meta.update({
             "embedding_dim": self.dim,
-            "memory_bank": {"file": BANK_FILE, "size": self.size},
+            "memory_bank": {"file": BANK_FILE, "size": self.size,
+                            "support_b": None if self.support is None else int(self.support.shape[1])},
             "index": {"type": self.meta.get("index_type", "flat"), "metric": "L2",
+                      "bytes_per_vector": round(index_bytes / self.size, 2),
                       "shards": [{"file": n, "start": a, "stop": b} for n, (a, b) in zip(names, bounds)]},
             "versions": package_versions(),
         })
@@ -176,6 +265,10 @@ class PatchIndex:
         return int(self.bank.shape[0])
 
     @property
+    def index_type(self) -> str:
+        return "ivfpq" if self._searcher.is_ivf else "flat"
+
+    @property
     def geometry(self) -> Geometry:
         g = self.meta.get("geometry") or {}
         return Geometry(**g) if g else Geometry()
@@ -183,6 +276,10 @@ class PatchIndex:
     # search -------------------------------------------------------------------------
     def knn(self, queries: np.ndarray, k: int = K) -> tuple[np.ndarray, np.ndarray]:
         """k nearest memory-bank rows: (L2 distances float32 (n, k), rows int64 (n, k)).
+
+        Flat: exact. IVF-PQ: the ``rerank * k`` IVF-PQ candidates re-ranked with exact L2
+        (distances exact, rows -1 where fewer than k candidates were found); with rerank 0
+        the PQ-approximate distances.
 
         Raises:
             InputError: not (n, d), NaN/inf values, k outside [1, M].
@@ -195,20 +292,39 @@ class PatchIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if not np.isfinite(queries).all():
             raise InputError("query embeddings contain NaN or infinite values")
-        d2, rows = self._searcher.search(queries, k)
+        if self._searcher.is_ivf and self.params.get("rerank", 0) > 0:
+            _, cand = self._searcher.search(queries, min(self.size, k * self.params["rerank"]))
+            d2, rows = faiss_index.rerank(queries, self.bank, cand, k)
+        elif self._bf16 is not None:
+            d2, rows = self._bf16.search(queries, k)
+        else:
+            d2, rows = self._searcher.search(queries, k)
         return np.sqrt(np.maximum(d2, 0.0)), rows
+
+    def exact_support_sets(self, b: int = B, chunk: int = 4096) -> np.ndarray:
+        """N_b(m) for every bank row by exact search (the bank's kNN graph): int64 (M, min(b, M)).
+
+        Row m holds m itself first, then its nearest other bank rows by increasing L2.
+        """
+        b = min(b, self.size)
+        flat = faiss_index.ShardedSearcher(faiss_index.build_shards(self.bank, 1, "flat"), gpu=self._searcher.on_gpu)
+        out = np.empty((self.size, b), dtype=np.int64)
+        for s in range(0, self.size, chunk):
+            rows = np.arange(s, min(self.size, s + chunk))
+            _, nn = flat.search(self.bank[rows], min(b + 1, self.size))
+            out[rows] = _self_first(rows, nn, b)
+        return out
 
     def support_sets(self, rows: np.ndarray, b: int = B) -> np.ndarray:
         """N_b(m) for memory-bank rows m: int64 (n, min(b, M)), m itself first, then its
-        nearest other bank rows in increasing L2 distance."""
+        nearest other bank rows in increasing L2 distance. Taken from the precomputed
+        support sets when the index has them (same b), else by a search."""
         rows = np.asarray(rows, dtype=np.int64)
         b = min(b, self.size)
+        if self.support is not None and self.support.shape[1] == b:
+            return np.asarray(self.support[rows])
         _, nn = self.knn(self.bank[rows], min(b + 1, self.size))
-        out = np.empty((len(rows), b), dtype=np.int64)
-        for i, (m, cand) in enumerate(zip(rows, nn)):
-            out[i, 0] = m
-            out[i, 1:] = cand[cand != m][:b - 1]
-        return out
+        return _self_first(rows, nn, b)
 
     def search(self, patches: np.ndarray, k: int = K, b: int = B) -> SearchResult:
         """Search the patch embeddings of N images.
@@ -343,6 +459,24 @@ class PatchIndex:
                             col=int(self.sources["col"][r]))
             out.append(item)
         return out
+
+
+def _self_first(rows: np.ndarray, nn: np.ndarray, b: int) -> np.ndarray:
+    """Support sets from neighbour lists: each row itself first, then its first b-1 other neighbours."""
+    out = np.empty((len(rows), b), dtype=np.int64)
+    for i, (m, cand) in enumerate(zip(rows, nn)):
+        other = cand[(cand != m) & (cand >= 0)][:b - 1]
+        out[i, 0] = m
+        out[i, 1:1 + len(other)] = other
+        out[i, 1 + len(other):] = m  # fewer than b found (IVF-PQ): pad with m itself
+    return out
+
+
+def _exact_knn(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact squared-L2 k-NN of queries in the bank (``faiss.knn``, chunked over the bank)."""
+    import faiss
+
+    return faiss.knn(np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(bank, np.float32), k)
 
 
 def _expand(part: SearchResult | None, good: list[int], n: int, errors: dict, paths: list[str], k: int,

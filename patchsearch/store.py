@@ -177,17 +177,22 @@ class PatchStore:
 BANK_FILE = "memory_bank.arrow"
 
 
-def write_bank(path: str | os.PathLike, bank: np.ndarray, sources: dict | None = None) -> None:
+def write_bank(path: str | os.PathLike, bank: np.ndarray, sources: dict | None = None,
+               support: np.ndarray | None = None) -> None:
     """Write the memory bank as one Arrow record batch (memory-mappable, zero-copy).
 
     Args:
         bank: float32 (M, d) memory bank.
         sources: optional {"store_row": int64 (M,), "image": list[str] (M,), "row": (M,), "col": (M,)}
             telling which training patch each bank row came from.
+        support: optional int64 (M, b) support sets N_b(m) of every bank row (Eq. 7).
     """
     bank = np.ascontiguousarray(bank, dtype=np.float32)
     m, d = bank.shape
     cols = {"embedding": pa.FixedSizeListArray.from_arrays(pa.array(bank.reshape(-1)), d)}
+    if support is not None:
+        support = np.ascontiguousarray(support, dtype=np.int64)
+        cols["support"] = pa.FixedSizeListArray.from_arrays(pa.array(support.reshape(-1)), support.shape[1])
     if sources is not None:
         cols["store_row"] = pa.array(np.asarray(sources["store_row"], dtype=np.int64))
         cols["image"] = pa.array(list(sources["image"]), type=pa.string())
@@ -201,8 +206,9 @@ def write_bank(path: str | os.PathLike, bank: np.ndarray, sources: dict | None =
         os.fsync(sink.fileno())
 
 
-def read_bank(path: str | os.PathLike) -> tuple[np.ndarray, dict | None]:
-    """Memory-map a memory-bank file: (float32 (M, d) read-only view, sources dict or None).
+def read_bank(path: str | os.PathLike) -> tuple[np.ndarray, dict | None, np.ndarray | None]:
+    """Memory-map a memory-bank file: (float32 (M, d) read-only view, sources dict or None,
+    int64 (M, b) support sets or None).
 
     Raises:
         IndexFormatError: missing, truncated or corrupted file.
@@ -227,7 +233,11 @@ def read_bank(path: str | os.PathLike) -> tuple[np.ndarray, dict | None]:
                    "image": table.column("image").to_pylist(),
                    "row": table.column("row").to_numpy(),
                    "col": table.column("col").to_numpy()}
-    return bank, sources
+    support = None
+    if "support" in table.column_names:
+        col = table.column("support").combine_chunks()
+        support = col.flatten().to_numpy(zero_copy_only=True).reshape(len(bank), -1)
+    return bank, sources, support
 
 
 class StoreArray:

@@ -51,9 +51,11 @@ def test_bank_round_trip(tmp_path):
     bank = np.random.default_rng(3).standard_normal((7, 4)).astype(np.float32)
     src = {"store_row": np.arange(7) * 3, "image": [f"{i}.png" for i in range(7)],
            "row": np.arange(7), "col": np.arange(7)[::-1]}
-    write_bank(tmp_path / "b.arrow", bank, src)
-    got, got_src = read_bank(tmp_path / "b.arrow")
+    support = np.arange(21).reshape(7, 3)
+    write_bank(tmp_path / "b.arrow", bank, src, support)
+    got, got_src, got_support = read_bank(tmp_path / "b.arrow")
+    np.testing.assert_array_equal(got_support, support)
     np.testing.assert_array_equal(got, bank)
     assert got_src["image"] == src["image"] and got_src["col"].tolist() == list(range(6, -1, -1))
     write_bank(tmp_path / "b2.arrow", bank)
-    assert read_bank(tmp_path / "b2.arrow")[1] is None
+    assert read_bank(tmp_path / "b2.arrow")[1:] == (None, None)

@@ -1,0 +1,154 @@
+"""IVF-PQ, precomputed support sets, bf16 exact search and rebuild from the Arrow store."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from patchsearch import PatchIndex
+from patchsearch.cli import main
+from patchsearch.errors import InputError
+from patchsearch.index import GPU_PQ_M, Bf16Flat, ShardedSearcher, auto_ivfpq_params, build_shards
+
+
+def _clustered(m=6000, d=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((60, d)) * 4
+    return (centres[rng.integers(0, 60, m)] + rng.standard_normal((m, d))).astype(np.float32)
+
+
+def test_auto_params():
+    p = auto_ivfpq_params(1_600_000, 1536)
+    assert p["pq_m"] == 96 and 1536 % p["pq_m"] == 0 and p["pq_m"] in GPU_PQ_M
+    assert p["nlist"] == 4096 and p["pq_bits"] == 8 and 1 <= p["nprobe"] <= p["nlist"]
+    p = auto_ivfpq_params(16385, 152)
+    assert p["pq_m"] == 8 and p["nlist"] == 16385 // 39  # capped by 39 training points per list
+    assert auto_ivfpq_params(100, 152)["pq_bits"] == 6  # fewer rows than 2**8 centroids
+    assert auto_ivfpq_params(1000, 64, nlist=7, pq_m=16)["nlist"] == 7
+    with pytest.raises(InputError, match="must divide"):
+        auto_ivfpq_params(1000, 152, pq_m=12)
+    with pytest.raises(InputError, match="nprobe 99"):
+        auto_ivfpq_params(1000, 64, nlist=8, nprobe=99)
+
+
+def test_ivfpq_recall_and_exact_reranked_distances():
+    bank = _clustered()
+    index = PatchIndex.from_embeddings(bank, index="ivfpq", seed=1)
+    p = index.params
+    assert p["recall_at_9"] >= 0.95 and p["recall_queries_kind"] == "bank rows (self excluded)"
+    q = _clustered(300, seed=5)
+    dist, rows = index.knn(q, 9)
+    exact = PatchIndex.from_embeddings(bank).knn(q, 9)
+    recall = np.mean([len(np.intersect1d(a, b)) / 9 for a, b in zip(rows, exact[1])])
+    assert recall >= 0.95
+    # re-ranked distances are exact L2 to the returned rows
+    direct = np.sqrt(((bank[rows] - q[:, None, :]) ** 2).sum(-1))
+    np.testing.assert_allclose(dist, direct, rtol=1e-4, atol=1e-4)
+
+
+def test_nprobe_tuning_and_override():
+    bank = _clustered()
+    low = PatchIndex.from_embeddings(bank, index="ivfpq", nlist=64, nprobe=1, rerank=0, support_sets=False)
+    tuned = PatchIndex.from_embeddings(bank, index="ivfpq", nlist=64, rerank=0, target_recall=0.99,
+                                       support_sets=False)
+    assert low.params["nprobe"] == 1 and tuned.params["nprobe"] > 1  # raised from nlist/16 = 4
+    assert tuned.params["recall_at_9"] >= low.params["recall_at_9"]
+    tuned.set_nprobe(64)
+    assert tuned.params["nprobe"] == 64
+    with pytest.raises(InputError, match="between 1 and nlist 64"):
+        tuned.set_nprobe(65)
+    with pytest.raises(InputError, match="IVF-PQ indexes only"):
+        PatchIndex.from_embeddings(bank).set_nprobe(3)
+
+
+def test_sharded_ivfpq_ids_are_bank_rows(tmp_path):
+    bank = _clustered(3000)
+    one = PatchIndex.from_embeddings(bank, index="ivfpq", nlist=32, nprobe=8, seed=2)
+    three = PatchIndex.from_embeddings(bank, index="ivfpq", nlist=32, nprobe=8, seed=2, shards=3)
+    # every shard holds its own rows, with their bank-row ids
+    import faiss
+    for shard, (start, stop) in zip(three.shards, [(0, 1000), (1000, 2000), (2000, 3000)]):
+        ivf = faiss.extract_index_ivf(shard)
+        ids = np.concatenate([faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
+                              for i in range(ivf.nlist)])
+        assert sorted(ids.tolist()) == list(range(start, stop))
+    rows = np.array([0, 999, 1000, 2999])
+    assert three.knn(bank[rows], 1)[1][:, 0].tolist() == rows.tolist()
+    q = _clustered(200, seed=3).reshape(20, 10, 32)
+    a, b = one.search(q), three.search(q)
+    np.testing.assert_array_equal(a.locations, b.locations)
+    np.testing.assert_allclose(a.image_scores, b.image_scores, rtol=1e-5)
+    three.save(tmp_path / "ivf")
+    loaded = PatchIndex.load(tmp_path / "ivf", nprobe=4)
+    assert loaded.index_type == "ivfpq" and loaded.params["nprobe"] == 4 and len(loaded.shards) == 3
+    manifest = json.loads((tmp_path / "ivf/manifest.json").read_text())
+    assert manifest["ivfpq"]["recall_at_9"] == three.params["recall_at_9"]
+    assert manifest["index"]["bytes_per_vector"] < 32 * 4
+
+
+def test_precomputed_support_sets_equal_two_search_path():
+    bank = _clustered(2000, 16)
+    index = PatchIndex.from_embeddings(bank, shards=2)
+    assert index.support.shape == (2000, 9) and (index.support[:, 0] == np.arange(2000)).all()
+    d = ((bank[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, -1)
+    np.testing.assert_array_equal(index.support, np.argsort(d, 1, kind="stable")[:, :9])
+    two_search = PatchIndex.from_embeddings(bank, shards=2, support_sets=False)
+    assert two_search.support is None
+    q = _clustered(40 * 20, 16, seed=8).reshape(40, 20, 16) * 1.2
+    a, b = index.search(q), two_search.search(q)
+    np.testing.assert_array_equal(a.image_scores, b.image_scores)
+    np.testing.assert_array_equal(a.locations, b.locations)
+
+
+def test_bf16_flat_gives_exact_results():
+    bank = _clustered(5000, 64)
+    q = _clustered(500, 64, seed=9) + np.float32(0.3)
+    flat = ShardedSearcher(build_shards(bank, 1))
+    bf = Bf16Flat(bank, flat, candidates=16)
+    d_ref, r_ref = flat.search(q, 9)
+    d, r = bf.search(q, 9)
+    np.testing.assert_array_equal(r, r_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-4, atol=1e-3)
+    assert bf.fallbacks < len(q)  # the certificate accepts most candidate sets
+
+
+def test_rebuild_from_arrow_store(tmp_path, mvtec_root):
+    idx = tmp_path / "indexes"
+    small = ["--resize", "64", "--crop", "64"]
+
+    def run(*args):
+        r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    run("build", "--category", "widget", "--data-root", mvtec_root, "--index-dir", idx, "--coreset-ratio", "0.3",
+        "--seed", "4", *small)
+    before = PatchIndex.load(idx / "widget")
+    bank_before = np.array(before.bank)
+    q = np.random.default_rng(0).standard_normal((3, 64, 152)).astype(np.float32) + bank_before.mean(0)
+    res_before = before.search(q)
+    store_before = (idx / "widget/patches.arrow").read_bytes()
+    del before
+
+    out = run("rebuild", "--category", "widget", "--index-dir", idx)
+    assert out["type"] == "flat" and out["memory_bank"] == len(bank_before)
+    after = PatchIndex.load(idx / "widget")
+    np.testing.assert_array_equal(after.bank, bank_before)
+    res_after = after.search(q)
+    np.testing.assert_array_equal(res_after.locations, res_before.locations)
+    np.testing.assert_array_equal(res_after.distances, res_before.distances)
+    np.testing.assert_array_equal(res_after.image_scores, res_before.image_scores)
+    assert (idx / "widget/patches.arrow").read_bytes() == store_before
+    assert after.meta["backbone"]["name"] == "efficientnet_lite0"  # carried over
+    del after
+
+    out = run("rebuild", "--category", "widget", "--index-dir", idx, "--index", "ivfpq", "--shards", "2",
+              "--coreset-ratio", "0.5")
+    assert out["type"] == "ivfpq" and out["shards"] == 2 and out["memory_bank"] == int(6 * 64 * 0.5)
+    assert out["ivfpq"]["recall_queries_kind"] == "held-aside" and 0 < out["ivfpq"]["recall_at_9"] <= 1
+    r = CliRunner().invoke(main, ["query", str(mvtec_root / "widget/test/blob/000.png"), "--category", "widget",
+                                  "--index-dir", str(idx), "--nprobe", "1"])
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["distances"]) == 9
+    assert sorted(p.name for p in idx.iterdir()) == ["widget"]  # no temporary debris
