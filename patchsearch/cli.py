@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .errors import PatchsearchError
+from .errors import InputError, PatchsearchError
 
 DEFAULT_INDEX_DIR = "./indexes"
 
@@ -148,14 +148,20 @@ def rebuild(category, index_dir, coreset_ratio, seed, shards, index_type, nlist,
     click.echo(_summary(index))
 
 
-def _load(index_dir: Path, category: str, nprobe: int | None = None):
+def _load(index_dir: Path, category: str, nprobe: int | None = None, backbone: str | None = None,
+          embed_dim: int | None = None):
     from .search import PatchIndex
 
-    return PatchIndex.load(index_dir / category, nprobe=nprobe)
+    return PatchIndex.load(index_dir / category, nprobe=nprobe, backbone=backbone, embed_dim=embed_dim)
 
 
-_nprobe_option = click.option("--nprobe", type=click.IntRange(min=1), default=None,
-                              help="IVF-PQ: lists visited per query [as built]")
+def _query_options(fn):
+    """--nprobe, and --backbone / --embed-dim as expectations checked against the index."""
+    fn = click.option("--embed-dim", type=click.IntRange(min=1), default=None,
+                      help="fail unless the index holds embeddings of this dimension")(fn)
+    fn = click.option("--backbone", default=None, help="fail unless the index was built with this backbone")(fn)
+    return click.option("--nprobe", type=click.IntRange(min=1), default=None,
+                        help="IVF-PQ: lists visited per query [as built]")(fn)
 
 
 @main.command()
@@ -166,9 +172,9 @@ _nprobe_option = click.option("--nprobe", type=click.IntRange(min=1), default=No
               help="write each anomaly map as a heatmap PNG over the image into this folder")
 @click.option("--k", type=click.IntRange(min=1), default=9, show_default=True, help="neighbours per patch")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@_nprobe_option
+@_query_options
 @_friendly
-def query(images, category, index_dir, maps_dir, k, batch_size, nprobe):
+def query(images, category, index_dir, maps_dir, k, batch_size, nprobe, backbone, embed_dim):
     """Score IMAGES (files or folders): one JSON line per image.
 
     Each line has path, image_score (Eq. 7), the top patch's row/col, its k nearest
@@ -177,7 +183,9 @@ def query(images, category, index_dir, maps_dir, k, batch_size, nprobe):
     """
     from .data import list_images
 
-    index = _load(index_dir, category, nprobe)
+    index = _load(index_dir, category, nprobe, backbone, embed_dim)
+    if k > index.size:
+        raise InputError(f"--k {k} is larger than the memory bank ({index.size} vectors)")
     paths = list_images(images)
     if maps_dir is not None:
         maps_dir.mkdir(parents=True, exist_ok=True)
@@ -239,13 +247,13 @@ def _write_heatmap(image_path: str, amap: np.ndarray, geometry, out: Path) -> No
 @_index_dir_option
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@_nprobe_option
+@_query_options
 @_friendly
-def evaluate(category, data_root, index_dir, as_json, batch_size, nprobe):
+def evaluate(category, data_root, index_dir, as_json, batch_size, nprobe, backbone, embed_dim):
     """Image and pixel AUROC of CATEGORY's test split."""
     from .pipeline import evaluate as run_evaluate
 
-    index = _load(index_dir, category, nprobe)
+    index = _load(index_dir, category, nprobe, backbone, embed_dim)
     res = run_evaluate(index, _data_root(data_root), category, batch_size=batch_size,
                        progress=sys.stderr.isatty())
     if as_json:
@@ -259,6 +267,25 @@ def evaluate(category, data_root, index_dir, as_json, batch_size, nprobe):
     for d, v in res["per_defect_image_auroc"].items():
         click.echo(f"  {d:<20} image AUROC {v:.4f}")
     click.echo(f"query time    {res['seconds']:.1f} s ({res['seconds_per_image'] * 1000:.0f} ms/image)")
+
+
+@main.command()
+@click.option("--category", required=True)
+@_index_dir_option
+@_friendly
+def verify(category, index_dir):
+    """Check every file of CATEGORY's index against the sizes and SHA-256 in its manifest."""
+    from .manifest import verify as run_verify
+    from .search import PatchIndex
+
+    path = index_dir / category
+    problems = run_verify(path)
+    for line in problems:
+        click.echo(f"damaged: {line}", err=True)
+    if problems:
+        sys.exit(1)
+    index = PatchIndex.load(path)  # and that it opens
+    click.echo(f"ok: {path} intact ({len(index.meta.get('files', {}))} files, memory bank {index.size} x {index.dim})")
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{path}: image too large ({exc})") from None
+        raise InputError(f"{path}: image larger than the {MAX_IMAGE_PIXELS} pixel limit ({exc})") from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError) as exc:

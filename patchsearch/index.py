@@ -15,11 +15,10 @@ Index types:
 Where faiss has GPUs (``faiss.get_num_gpus() > 0``) each shard is copied to a GPU
 (``faiss.index_cpu_to_gpu``), round-robin over the devices.
 
-On CPU, exact (flat) search can run as a bfloat16 candidate pass (``torch`` matmul,
-about 3x the fp32 rate on CPUs with AVX512-BF16 or AMX) followed by exact fp32
-re-ranking of the candidates, with a per-query certificate: a query whose candidate
-set cannot be proven to contain its true k nearest rows is searched again with
-``faiss.IndexFlatL2``. Results are those of exact search (:class:`Bf16Flat`).
+On CPU, exact (flat) search can run as an int8 candidate pass (``torch._int_mm``,
+about 4x the fp32 matmul rate on CPUs with VNNI) followed by exact fp32 re-ranking
+of the candidates and a per-query check that falls back to ``faiss.IndexFlatL2``
+(:class:`Int8Flat`).
 
 All distances here are squared L2; callers take the square root.
 """
@@ -35,8 +34,10 @@ import numpy as np
 from .errors import IndexFormatError, InputError
 
 INDEX_TYPES = ("flat", "ivfpq")
-# Bytes per PQ code that FAISS GPU IVFPQ supports (GpuIndexIVFPQ).
+# Sub-quantizer counts (bytes per 8-bit code) and dimensions per sub-quantizer that
+# FAISS GPU IVFPQ (GpuIndexIVFPQ) supports.
 GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+GPU_PQ_DSUB = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
 
 
 def _faiss():
@@ -71,8 +72,11 @@ def auto_ivfpq_params(rows: int, dim: int, nlist: int | None = None, pq_m: int |
 
     * nlist: the power of two nearest 4 * sqrt(rows), at most rows / 39 (FAISS wants
       >= 39 training points per centroid), at least 1.
-    * pq_m: the largest GPU-supported code size (bytes) dividing ``dim`` with at least
-      4 dimensions per sub-quantizer.
+    * pq_m: the largest sub-quantizer count that FAISS GPU supports (``GPU_PQ_M`` with
+      ``dim / pq_m`` in ``GPU_PQ_DSUB``) with at least 4 dimensions per sub-quantizer
+      (1536 -> 96 bytes a vector, 1/64 of flat). Where no such count divides ``dim``
+      (152 = 8 x 19), the largest divisor with at least 4 dimensions per sub-quantizer
+      (152 -> 38), and ``gpu_compatible`` is False: such shards stay on the CPU.
     * pq_bits: 8.
     * nprobe: nlist / 16 (the build then tunes it for recall, see :func:`tune_nprobe`).
     * rerank: 8 (8k candidates re-ranked exactly).
@@ -86,10 +90,11 @@ def auto_ivfpq_params(rows: int, dim: int, nlist: int | None = None, pq_m: int |
     if not 1 <= nlist <= rows:
         raise InputError(f"--nlist {nlist} must be between 1 and the {rows} memory-bank rows")
     if pq_m is None:
-        fits = [m for m in GPU_PQ_M if dim % m == 0 and dim // m >= 4]
-        pq_m = max(fits) if fits else 1
+        fits = [m for m in GPU_PQ_M if dim % m == 0 and dim // m in GPU_PQ_DSUB and dim // m >= 4]
+        pq_m = max(fits) if fits else max(m for m in range(1, dim + 1) if dim % m == 0 and dim // m >= min(4, dim))
     if pq_m < 1 or dim % pq_m:
         raise InputError(f"--pq-m {pq_m} must divide the embedding dimension {dim}")
+    gpu_ok = pq_m in GPU_PQ_M and dim // pq_m in GPU_PQ_DSUB
     pq_bits = 8 if pq_bits is None else pq_bits
     if not 1 <= pq_bits <= 16:
         raise InputError(f"--pq-bits {pq_bits} must be between 1 and 16")
@@ -102,7 +107,7 @@ def auto_ivfpq_params(rows: int, dim: int, nlist: int | None = None, pq_m: int |
     if rerank < 0:
         raise InputError(f"--rerank {rerank} must be >= 0")
     return {"nlist": int(nlist), "pq_m": int(pq_m), "pq_bits": int(pq_bits), "nprobe": int(nprobe),
-            "rerank": int(rerank)}
+            "rerank": int(rerank), "gpu_compatible": bool(gpu_ok and pq_bits == 8)}
 
 
 def build_shards(bank: np.ndarray, shards: int = 1, index_type: str = "flat", params: dict | None = None,
@@ -172,6 +177,10 @@ class ShardedSearcher:
         self.is_ivf = faiss.try_extract_index_ivf(shards[0]) is not None
         ngpu = num_gpus()
         self.on_gpu = bool(ngpu) if gpu is None else bool(gpu and ngpu)
+        if self.is_ivf and self.on_gpu:
+            pq = shards[0].pq
+            if pq.M not in GPU_PQ_M or pq.dsub not in GPU_PQ_DSUB or pq.nbits != 8:
+                self.on_gpu = False  # FAISS GPU cannot hold this PQ layout: search it on the CPU
         self._resources = []
         placed = shards
         if self.on_gpu:
@@ -246,38 +255,40 @@ def rerank(queries: np.ndarray, bank: np.ndarray, candidates: np.ndarray, k: int
     return dist, rows
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
+def cpu_has_int8_dot() -> bool:
+    """True where the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-class Bf16Flat:
-    """Exact k-NN over a bank by a bfloat16 candidate pass and exact fp32 re-ranking.
+class Int8Flat:
+    """Exact-result k-NN over a bank: an int8 candidate pass, exact fp32 re-ranking, and a check.
 
-    1. Bank and queries are centred on the bank mean (smaller dot products, smaller
-       rounding error) and rounded to bfloat16; ``||b||^2 - 2 q.b`` is computed by one
-       torch matmul per query chunk and the ``candidates`` smallest are kept.
-    2. The candidates are re-ranked with exact fp32 L2 (:func:`rerank`).
-    3. Certificate: with u = 2^-8 the bfloat16 unit roundoff and B = max||b||, the
-       approximate value ``||b||^2 - 2 q.b`` (norms in fp32, dot product in bfloat16) of
-       any row is within ``eps = 6.5 u ||q|| B`` of the exact one (inputs rounded: 2u
-       ||q|| ||b|| per dot product, output rounded: u ||q|| ||b||, times 2, plus fp32
-       accumulation and slack). If the exact k-th
-       squared distance is at most ``||q||^2 +`` the largest candidate value ``- eps``, no
-       row outside the candidates can be closer; otherwise the query is searched again
-       exactly with ``faiss.IndexFlatL2``.
+    1. Bank and queries are centred on the bank mean and quantized to int8 with one
+       scale per row (s = max|x| / 127). ``||b||^2 - 2 q.b`` is computed from one int8
+       matmul per query chunk (``torch._int_mm``, int32 accumulation, exact; on CPUs with
+       VNNI about 4x the fp32 matmul rate) and the ``candidates`` smallest are kept.
+    2. The candidates are re-ranked with exact fp32 L2 computed on the differences
+       (:func:`rerank`), which is more accurate than the ``||x||^2 - 2 x.y + ||y||^2``
+       expansion that FAISS and torch use.
+    3. Check: rounding to nearest leaves each dot product with an error of standard
+       deviation ``sigma = sqrt((||b||^2 s_q^2 + ||q||^2 s_b^2) / 12)``. If the exact k-th
+       squared distance is below ``||q||^2 +`` the largest candidate value minus
+       ``2 * 7 sigma`` (bank-wide maxima of ||b|| and s_b), no row outside the
+       candidates is closer unless its rounding error exceeds 7 standard deviations;
+       other queries are searched again exactly with ``faiss.IndexFlatL2``.
 
     Args:
         bank: float32 (M, d) memory bank.
         fallback: a searcher with ``search(queries, k)`` giving exact results.
-        candidates: candidate count per query (>= k).
+        candidates: candidate count per query (>= k + 1).
+        chunk: queries per int8 matmul (bounds the (chunk, M) score matrix).
     """
 
-    U = 2.0 ** -8
+    SIGMAS = 7.0
 
     def __init__(self, bank: np.ndarray, fallback, candidates: int = 32, chunk: int = 1024):
         import torch
@@ -286,15 +297,24 @@ class Bf16Flat:
         self.fallback = fallback
         self.candidates = candidates
         self.chunk = chunk
-        b = torch.from_numpy(np.array(bank, dtype=np.float32))
-        self.mean = b.mean(0)
-        bc = b - self.mean
-        self.norms = (bc * bc).sum(1)
-        self.max_norm = float(self.norms.max().sqrt())
-        self.bank16 = bc.to(torch.bfloat16)
-        self.fallbacks = 0  # queries that failed the certificate (for benchmarks)
+        m, d = bank.shape
+        self.mean = torch.from_numpy(np.asarray(bank, dtype=np.float64).mean(0).astype(np.float32))
+        self.norms = torch.empty(m)
+        self.scale = torch.empty(m)
+        codes = torch.empty((m, d), dtype=torch.int8)
+        for s in range(0, m, 65536):  # chunked: no float copy of the whole bank
+            b = torch.from_numpy(np.array(bank[s:s + 65536], dtype=np.float32)) - self.mean
+            self.norms[s:s + len(b)] = (b * b).sum(1)
+            self.scale[s:s + len(b)] = b.abs().amax(1).clamp_min(1e-30) / 127
+            codes[s:s + len(b)] = torch.round(b / self.scale[s:s + len(b), None]).to(torch.int8)
+        self.codes_t = codes.T.contiguous()  # (d, M)
+        del codes
+        self.max_norm_sq = float(self.norms.max())
+        self.max_scale = float(self.scale.max())
+        self.fallbacks = 0  # queries that failed the check (for benchmarks)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Same contract as :meth:`ShardedSearcher.search`; distances are exact squared L2."""
         import torch
 
         n = len(queries)
@@ -302,22 +322,37 @@ class Bf16Flat:
         dist = np.empty((n, k), np.float32)
         rows = np.empty((n, k), np.int64)
         q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-        for s in range(0, n, self.chunk):
-            q = q_all[s:s + self.chunk] - self.mean
-            approx = (q.to(torch.bfloat16) @ self.bank16.T).float().mul_(-2).add_(self.norms)
-            cand_d, cand = approx.topk(c, dim=1, largest=False, sorted=False)
-            d2, r = rerank(queries[s:s + self.chunk], self.bank, cand.numpy(), k)
-            if c < len(self.bank):
-                qn = (q * q).sum(1)
-                eps = 6.5 * self.U * qn.sqrt() * self.max_norm
-                # Every other row's exact squared distance is >= ||q||^2 + (largest candidate approx) - eps.
-                bound = (cand_d.float().max(1).values + qn - eps).numpy()
-                bad = np.nonzero(d2[:, -1] > bound)[0]
-                if bad.size:
-                    self.fallbacks += int(bad.size)
-                    d2[bad], r[bad] = self.fallback.search(queries[s:s + self.chunk][bad], k)
-            dist[s:s + len(q)], rows[s:s + len(q)] = d2, r
+        with torch.no_grad():
+            for s in range(0, n, self.chunk):
+                q = q_all[s:s + self.chunk] - self.mean
+                sq = q.abs().amax(1).clamp_min(1e-30) / 127
+                codes = torch.round(q / sq[:, None]).to(torch.int8)
+                approx = torch._int_mm(codes, self.codes_t).float()
+                approx.mul_((-2 * sq)[:, None]).mul_(self.scale[None, :]).add_(self.norms)
+                cand_d, cand = approx.topk(c, dim=1, largest=False, sorted=False)
+                del approx
+                d2, r = rerank(queries[s:s + self.chunk], self.bank, cand.numpy(), k)
+                if c < len(self.bank):
+                    qn = (q * q).sum(1)
+                    sigma = ((self.max_norm_sq * sq * sq + qn * self.max_scale ** 2) / 12).sqrt()
+                    bound = (cand_d.max(1).values + qn - 2 * self.SIGMAS * sigma).numpy()
+                    bad = np.nonzero(d2[:, -1] > bound)[0]
+                    if bad.size:
+                        self.fallbacks += int(bad.size)
+                        d2[bad], r[bad] = self.fallback.search(queries[s:s + self.chunk][bad], k)
+                dist[s:s + len(q)], rows[s:s + len(q)] = d2, r
         return dist, rows
+
+
+class KnnSearcher:
+    """Exact search straight over a bank array (``faiss.knn``, FAISS's blocked brute force),
+    without copying it into an index; same contract as :meth:`ShardedSearcher.search`."""
+
+    def __init__(self, bank: np.ndarray):
+        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return _faiss().knn(np.ascontiguousarray(queries, dtype=np.float32), self.bank, k)
 
 
 def write_shards(shards: list, directory: str | os.PathLike) -> list[str]:

@@ -78,6 +78,68 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
+def file_entry(path: Path) -> dict:
+    """{"size": bytes, "sha256": hex} of a file."""
+    from .features import file_sha256
+
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def check_sizes(directory: str | os.PathLike, manifest: dict) -> None:
+    """Fast integrity check: every file the manifest lists exists with its recorded size.
+
+    Raises:
+        IndexFormatError: a file is missing or has another size (names it, and says
+            whether the Arrow patch store can rebuild the index).
+    """
+    directory = Path(directory)
+    files = manifest.get("files") or {}
+    for name, entry in files.items():
+        path = directory / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != entry["size"]:
+            what = "missing" if size is None else f"{size} bytes, the manifest says {entry['size']}"
+            raise IndexFormatError(f"{path}: damaged index file ({what}){_rebuild_hint(directory, manifest, name)}")
+
+
+def verify(directory: str | os.PathLike) -> list[str]:
+    """Full integrity check: sizes and SHA-256 of every file the manifest lists.
+
+    Returns:
+        one line per damaged file (empty when the index is intact).
+
+    Raises:
+        IndexFormatError: no readable manifest.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    problems = []
+    for name, entry in sorted((manifest.get("files") or {}).items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: missing{_rebuild_hint(directory, manifest, name)}")
+            continue
+        got = file_entry(path)
+        if got["size"] != entry["size"]:
+            problems.append(f"{path}: {got['size']} bytes, the manifest says {entry['size']}"
+                            f"{_rebuild_hint(directory, manifest, name)}")
+        elif got["sha256"] != entry["sha256"]:
+            problems.append(f"{path}: checksum mismatch (content damaged){_rebuild_hint(directory, manifest, name)}")
+    return problems
+
+
+def _rebuild_hint(directory: Path, manifest: dict, damaged: str) -> str:
+    store = (manifest.get("store") or {}).get("file")
+    files = manifest.get("files") or {}
+    if not store or damaged == store or store not in files:
+        return ""
+    path = directory / store
+    if path.is_file() and path.stat().st_size == files[store]["size"]:
+        category = manifest.get("category") or directory.name
+        return f"; its Arrow patch store is intact: 'patchsearch rebuild --category {category}' restores it"
+    return ""
+
+
 def _fsync_tree(directory: Path) -> None:
     for path in directory.iterdir():
         if path.is_file():
@@ -86,6 +148,10 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -93,16 +159,66 @@ def _fsync_tree(directory: Path) -> None:
         os.close(fd)
 
 
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD = -100
+    rc = renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(target: str | os.PathLike) -> list[Path]:
+    """Remove temporary and old directories of ``target`` left by killed writers.
+
+    A ``.<name>.tmp-<pid>-<tag>`` or ``.<name>.old-<pid>-<tag>`` directory is stale when
+    process <pid> no longer runs. Returns the removed paths.
+    """
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for path in target.parent.glob(f".{target.name}.*-*-*"):
+        kind, _, rest = path.name[len(target.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike):
     """Yield a fresh hidden temporary directory beside ``target``; on success, replace ``target``.
 
-    Files written into it are fsynced, then the old ``target`` (if any) is moved aside,
-    the temporary directory renamed to ``target`` and the old one removed. If the body
-    raises, the temporary directory is removed and ``target`` is left untouched.
+    Stale temporaries of killed writers are removed first. Files written into the
+    temporary directory are fsynced, then it is swapped with ``target`` in one atomic
+    ``renameat2(RENAME_EXCHANGE)`` (plain renames where that is unsupported), so a
+    reader finds the old complete index or the new one, never a mix or nothing; the old
+    one is then removed. If the body raises (or the process dies), ``target`` is left
+    untouched.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = target.parent / f".{target.name}.tmp-{tag}"
     tmp.mkdir()
@@ -112,13 +228,24 @@ def atomic_directory(target: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.parent / f".{target.name}.old-{tag}"
-    if target.exists():
-        os.rename(target, old)
-    os.rename(tmp, target)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if target.exists() and _exchange(tmp, target):
+        old = tmp  # after the swap, the temporary name holds the old index
+    else:
+        old = target.parent / f".{target.name}.old-{tag}"
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+    _fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def failpoint(stage: str) -> None:
+    """Crash-test hook: when ``$PATCHSEARCH_FAILPOINT`` names ``stage``, write the marker
+    file ``$PATCHSEARCH_FAILPOINT_FILE`` and wait to be killed. No effect otherwise."""
+    if os.environ.get("PATCHSEARCH_FAILPOINT") != stage:
+        return
+    import time
+
+    Path(os.environ["PATCHSEARCH_FAILPOINT_FILE"]).write_text(stage)
+    while True:
+        time.sleep(1)

@@ -21,7 +21,7 @@ from .coreset import PROJECTION_DIM, kcenter_greedy
 from .data import Geometry, iter_batches, test_samples
 from .errors import InputError
 from .features import DEFAULT_BACKBONE, PatchEmbedder
-from .manifest import atomic_directory
+from .manifest import atomic_directory, failpoint
 from .metrics import auroc
 from .search import PatchIndex
 from .store import STORE_FILE, PatchStore, PatchStoreWriter, StoreArray
@@ -87,6 +87,7 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
                 emb = embedder(batch).numpy()
                 grid = list(emb.shape[1:3])
                 writer.write([str(image_paths[i].resolve()) for i in good], emb)
+                failpoint("extract")
         timings["extract"] = time.perf_counter() - t0
         log(f"embedded {writer.num_images} images -> {writer.num_patches} patches of dim {embedder.dim} "
             f"in {timings['extract']:.1f} s")
@@ -147,6 +148,7 @@ def _index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio:
                       index: str, index_params: dict | None, progress: bool, log) -> None:
     """Coreset, memory bank, support sets and FAISS shards from ``directory``'s patch store."""
     store = PatchStore(directory / STORE_FILE)
+    failpoint("coreset")
     t0 = time.perf_counter()
     selected = kcenter_greedy(StoreArray(store), coreset_ratio, seed=seed, progress=progress)
     timings["coreset"] = time.perf_counter() - t0

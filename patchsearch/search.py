@@ -19,12 +19,14 @@ import torch
 from . import index as faiss_index
 from .data import Geometry, iter_batches
 from .errors import IndexFormatError, InputError
-from .manifest import atomic_directory, package_versions, read_manifest, write_manifest
+from .manifest import (MANIFEST, atomic_directory, check_sizes, failpoint, file_entry, package_versions,
+                       read_manifest, write_manifest)
 from .score import SIGMA, anomaly_maps, reweighted_scores
 from .store import BANK_FILE, read_bank, write_bank
 
 K = 9  # nearest neighbours reported per patch
 B = 9  # support-set size |N_b(m*)| of Eq. 7
+AUTO_INT8_DIM = 512  # below this FAISS flat is already faster than the int8 pass
 
 
 @dataclass
@@ -65,8 +67,9 @@ def _check_bank(bank) -> np.ndarray:
     if not np.issubdtype(bank.dtype, np.floating):
         raise InputError(f"memory bank must be floating point, got {bank.dtype}")
     bank = np.ascontiguousarray(bank, dtype=np.float32)
-    if not np.isfinite(bank).all():
-        raise InputError("memory bank contains NaN or infinite values")
+    for s in range(0, len(bank), 65536):  # chunked: no bank-sized temporary
+        if not np.isfinite(bank[s:s + 65536]).all():
+            raise InputError(f"memory bank contains NaN or infinite values (rows {s}..)")
     return bank
 
 
@@ -86,7 +89,7 @@ class PatchIndex:
 
     def __init__(self, bank: np.ndarray, shards: list, meta: dict | None = None,
                  sources: dict | None = None, support: np.ndarray | None = None,
-                 gpu: bool | None = None, exact: str = "faiss"):
+                 gpu: bool | None = None, exact: str = "auto"):
         self.bank = bank
         self.shards = shards
         self.meta = dict(meta or {})
@@ -97,12 +100,12 @@ class PatchIndex:
         self.params = dict(self.meta.get("ivfpq") or {})
         if self._searcher.is_ivf and "nprobe" in self.params:
             self._searcher.set_nprobe(self.params["nprobe"])
-        self._bf16 = None
-        if exact not in ("faiss", "bf16", "auto"):
-            raise InputError(f"exact search must be faiss, bf16 or auto, got {exact!r}")
-        if not self._searcher.is_ivf and not self._searcher.on_gpu and (
-                exact == "bf16" or (exact == "auto" and faiss_index.cpu_has_fast_bf16())):
-            self._bf16 = faiss_index.Bf16Flat(self.bank, self._searcher)
+        self._int8 = None
+        if exact not in ("faiss", "int8", "auto"):
+            raise InputError(f"exact search must be faiss, int8 or auto, got {exact!r}")
+        if not self._searcher.is_ivf and not self._searcher.on_gpu and (exact == "int8" or (
+                exact == "auto" and self.dim >= AUTO_INT8_DIM and faiss_index.cpu_has_int8_dot())):
+            self._int8 = faiss_index.Int8Flat(self.bank, self._searcher)
         self._embedder = None
 
     # construction -------------------------------------------------------------------
@@ -112,7 +115,7 @@ class PatchIndex:
                         nprobe: int | None = None, rerank: int | None = None, target_recall: float = 0.95,
                         recall_queries: np.ndarray | None = None, support_sets: bool = True, b: int = B,
                         seed: int = 0, meta: dict | None = None, sources: dict | None = None,
-                        gpu: bool | None = None, exact: str = "faiss") -> "PatchIndex":
+                        gpu: bool | None = None, exact: str = "auto") -> "PatchIndex":
         """Index a memory bank.
 
         Args:
@@ -131,8 +134,9 @@ class PatchIndex:
             seed: seeds the IVF-PQ training sample and k-means.
             meta, sources: build metadata and bank-row sources (see class attributes).
             gpu: place shards on GPUs; None = when faiss sees GPUs.
-            exact: flat search on CPU: ``"faiss"`` (IndexFlatL2), ``"bf16"``
-                (:class:`patchsearch.index.Bf16Flat`, same results) or ``"auto"``.
+            exact: flat search on CPU: ``"faiss"`` (IndexFlatL2), ``"int8"`` (int8
+                candidates re-ranked exactly, :class:`patchsearch.index.Int8Flat`) or
+                ``"auto"`` (int8 where the CPU has VNNI and d >= 512, else faiss).
 
         Raises:
             InputError: not a non-empty 2-D float array, NaN/inf values, bad shard count or
@@ -195,43 +199,84 @@ class PatchIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, gpu: bool | None = None, nprobe: int | None = None,
-             exact: str = "faiss") -> "PatchIndex":
+             exact: str = "auto", backbone: str | None = None, embed_dim: int | None = None) -> "PatchIndex":
         """Open an index directory written by :meth:`save` or ``patchsearch build``.
+
+        All files are read from one version of the directory (opened once, read through
+        its file descriptor), so a concurrent rebuild that swaps the directory cannot
+        mix two versions; if the version being read is removed meanwhile, the load is
+        retried on the new one.
 
         Args:
             path: the index directory.
             gpu: place shards on GPUs; None = when faiss sees GPUs.
             nprobe: IVF-PQ query-time override of the stored nprobe.
             exact: see :meth:`from_embeddings`.
+            backbone, embed_dim: if given, the index must have been built with them.
 
         Raises:
             IndexFormatError: missing directory or manifest, unknown format version,
-                missing, truncated or inconsistent files.
+                missing, truncated or inconsistent files (file sizes are checked against
+                the manifest), or another backbone / embedding dimension than asked.
         """
         path = Path(path)
-        manifest = read_manifest(path)
-        try:
-            bank_info = manifest["memory_bank"]
-            shard_info = manifest["index"]["shards"]
-            dim = manifest["embedding_dim"]
-        except (KeyError, TypeError):
-            raise IndexFormatError(f"{path / 'manifest.json'}: incomplete manifest") from None
-        bank, sources, support = read_bank(path / bank_info["file"])
-        if bank.shape != (bank_info["size"], dim):
-            raise IndexFormatError(f"{path / bank_info['file']}: memory bank is {bank.shape}, manifest says "
-                                   f"({bank_info['size']}, {dim})")
-        shards = [faiss_index.read_shard(path / s["file"], dim, s["stop"] - s["start"]) for s in shard_info]
-        meta = {k: v for k, v in manifest.items() if k not in ("format", "format_version")}
-        out = cls(bank, shards, meta=meta, sources=sources, support=support, gpu=gpu, exact=exact)
+        for attempt in range(5):
+            try:
+                inode = os.stat(path).st_ino
+            except FileNotFoundError:
+                raise IndexFormatError(f"no index at {path}: run 'patchsearch build' first") from None
+            try:
+                out = cls._load_version(path, gpu, exact)
+                break
+            except (IndexFormatError, FileNotFoundError):
+                if attempt == 4 or not path.exists() or os.stat(path).st_ino == inode:
+                    raise
+        out._expect(backbone, embed_dim)
         if nprobe is not None:
             out.set_nprobe(nprobe)
         out.path = path
         return out
 
+    @classmethod
+    def _load_version(cls, path: Path, gpu, exact) -> "PatchIndex":
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            proc = Path(f"/proc/self/fd/{fd}")
+            base = proc if proc.is_dir() else path
+            manifest = read_manifest(base)
+            try:
+                bank_info = manifest["memory_bank"]
+                shard_info = manifest["index"]["shards"]
+                dim = manifest["embedding_dim"]
+            except (KeyError, TypeError):
+                raise IndexFormatError(f"{path / MANIFEST}: incomplete manifest") from None
+            check_sizes(base, manifest)
+            bank, sources, support = read_bank(base / bank_info["file"])
+            if bank.shape != (bank_info["size"], dim):
+                raise IndexFormatError(f"{path / bank_info['file']}: memory bank is {bank.shape}, manifest says "
+                                       f"({bank_info['size']}, {dim})")
+            shards = [faiss_index.read_shard(base / s["file"], dim, s["stop"] - s["start"]) for s in shard_info]
+        except IndexFormatError as exc:  # name the index's own path, not /proc/self/fd/N
+            raise IndexFormatError(str(exc).replace(str(base), str(path))) from None
+        finally:
+            os.close(fd)
+        meta = {k: v for k, v in manifest.items() if k not in ("format", "format_version")}
+        return cls(bank, shards, meta=meta, sources=sources, support=support, gpu=gpu, exact=exact)
+
+    def _expect(self, backbone: str | None, embed_dim: int | None) -> None:
+        built = (self.meta.get("backbone") or {}).get("name")
+        where = f"the index at {self.path}" if self.path else "the index"
+        if backbone is not None and built != backbone:
+            raise IndexFormatError(f"{where} was built with backbone {built}, not {backbone}: "
+                                   f"rebuild it with --backbone {backbone} or query without --backbone")
+        if embed_dim is not None and embed_dim != self.dim:
+            raise IndexFormatError(f"{where} holds {self.dim}-d embeddings, not {embed_dim}-d")
+
     def write(self, directory: str | os.PathLike, extra: dict | None = None) -> None:
         """Write shards, memory bank and manifest into an existing directory (not atomic)."""
         directory = Path(directory)
         names = faiss_index.write_shards(self.shards, directory)
+        failpoint("index-write")
         bounds = faiss_index.shard_bounds(len(self.bank), len(self.shards))
         write_bank(directory / BANK_FILE, self.bank, self.sources, self.support)
         self.meta.update(extra or {})
@@ -244,6 +289,7 @@ class PatchIndex:
                       "bytes_per_vector": round(index_bytes / self.size, 2),
                       "shards": [{"file": n, "start": a, "stop": b} for n, (a, b) in zip(names, bounds)]},
             "versions": package_versions(),
+            "files": {p.name: file_entry(p) for p in sorted(directory.iterdir()) if p.name != MANIFEST},
         })
         write_manifest(directory, self.meta)
 
@@ -295,8 +341,8 @@ class PatchIndex:
         if self._searcher.is_ivf and self.params.get("rerank", 0) > 0:
             _, cand = self._searcher.search(queries, min(self.size, k * self.params["rerank"]))
             d2, rows = faiss_index.rerank(queries, self.bank, cand, k)
-        elif self._bf16 is not None:
-            d2, rows = self._bf16.search(queries, k)
+        elif self._int8 is not None:
+            d2, rows = self._int8.search(queries, k)
         else:
             d2, rows = self._searcher.search(queries, k)
         return np.sqrt(np.maximum(d2, 0.0)), rows
@@ -473,10 +519,8 @@ def _self_first(rows: np.ndarray, nn: np.ndarray, b: int) -> np.ndarray:
 
 
 def _exact_knn(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact squared-L2 k-NN of queries in the bank (``faiss.knn``, chunked over the bank)."""
-    import faiss
-
-    return faiss.knn(np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(bank, np.float32), k)
+    """Exact squared-L2 k-NN of queries in the bank (``faiss.knn``)."""
+    return faiss_index.KnnSearcher(bank).search(queries, k)
 
 
 def _expand(part: SearchResult | None, good: list[int], n: int, errors: dict, paths: list[str], k: int,

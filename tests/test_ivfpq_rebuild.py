@@ -1,4 +1,4 @@
-"""IVF-PQ, precomputed support sets, bf16 exact search and rebuild from the Arrow store."""
+"""IVF-PQ, precomputed support sets, int8 exact search and rebuild from the Arrow store."""
 
 import json
 
@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from patchsearch import PatchIndex
 from patchsearch.cli import main
 from patchsearch.errors import InputError
-from patchsearch.index import GPU_PQ_M, Bf16Flat, ShardedSearcher, auto_ivfpq_params, build_shards
+from patchsearch.index import GPU_PQ_DSUB, GPU_PQ_M, Int8Flat, ShardedSearcher, auto_ivfpq_params, build_shards
 
 
 def _clustered(m=6000, d=32, seed=0):
@@ -20,10 +20,13 @@ def _clustered(m=6000, d=32, seed=0):
 
 def test_auto_params():
     p = auto_ivfpq_params(1_600_000, 1536)
-    assert p["pq_m"] == 96 and 1536 % p["pq_m"] == 0 and p["pq_m"] in GPU_PQ_M
+    assert p["pq_m"] == 96 and 1536 % p["pq_m"] == 0 and p["pq_m"] in GPU_PQ_M and 16 in GPU_PQ_DSUB
     assert p["nlist"] == 4096 and p["pq_bits"] == 8 and 1 <= p["nprobe"] <= p["nlist"]
-    p = auto_ivfpq_params(16385, 152)
-    assert p["pq_m"] == 8 and p["nlist"] == 16385 // 39  # capped by 39 training points per list
+    assert p["gpu_compatible"]
+    p = auto_ivfpq_params(16385, 152)  # 152 = 8 x 19: no GPU layout, 38 sub-quantizers of 4 dims
+    assert p["pq_m"] == 38 and not p["gpu_compatible"] and p["nlist"] == 16385 // 39  # >= 39 points a list
+    p = auto_ivfpq_params(100_000, 128)
+    assert p["pq_m"] == 32 and p["gpu_compatible"]
     assert auto_ivfpq_params(100, 152)["pq_bits"] == 6  # fewer rows than 2**8 centroids
     assert auto_ivfpq_params(1000, 64, nlist=7, pq_m=16)["nlist"] == 7
     with pytest.raises(InputError, match="must divide"):
@@ -102,16 +105,22 @@ def test_precomputed_support_sets_equal_two_search_path():
     np.testing.assert_array_equal(a.locations, b.locations)
 
 
-def test_bf16_flat_gives_exact_results():
+def test_int8_flat_gives_exact_results():
     bank = _clustered(5000, 64)
     q = _clustered(500, 64, seed=9) + np.float32(0.3)
     flat = ShardedSearcher(build_shards(bank, 1))
-    bf = Bf16Flat(bank, flat, candidates=16)
-    d_ref, r_ref = flat.search(q, 9)
-    d, r = bf.search(q, 9)
-    np.testing.assert_array_equal(r, r_ref)
-    np.testing.assert_allclose(d, d_ref, rtol=1e-4, atol=1e-3)
-    assert bf.fallbacks < len(q)  # the certificate accepts most candidate sets
+    fast = Int8Flat(bank, flat, candidates=16, chunk=128)
+    d, r = fast.search(q, 9)
+    exact = np.sqrt(((q[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1))
+    truth = np.argsort(exact, 1, kind="stable")[:, :9]
+    np.testing.assert_array_equal(r, truth)
+    np.testing.assert_allclose(np.sqrt(d), np.take_along_axis(exact, truth, 1), rtol=1e-5)
+    assert fast.fallbacks < len(q)  # the check accepts most candidate sets
+    few = Int8Flat(bank, flat, candidates=10)  # too few candidates: the check sends queries to faiss
+    np.testing.assert_array_equal(few.search(q, 9)[1], truth)
+    assert few.fallbacks > 0
+    index = PatchIndex.from_embeddings(bank, exact="int8")
+    np.testing.assert_array_equal(index.knn(q, 9)[1], truth)
 
 
 def test_rebuild_from_arrow_store(tmp_path, mvtec_root):

@@ -121,8 +121,12 @@ def test_load_errors(tmp_path):
         PatchIndex.load(tmp_path / "idx")
     man.write_text(json.dumps(body))
     shard = tmp_path / "idx/shard_000.faiss"
-    shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(IndexFormatError, match="shard_000.faiss: corrupted"):
+    data = shard.read_bytes()
+    shard.write_bytes(b"\0" * len(data))  # same size, garbage: FAISS cannot read it
+    with pytest.raises(IndexFormatError, match=f"^{tmp_path / 'idx/shard_000.faiss'}: corrupted FAISS index"):
+        PatchIndex.load(tmp_path / "idx")
+    shard.write_bytes(data[:100])  # truncated: caught by the size check
+    with pytest.raises(IndexFormatError, match="shard_000.faiss: damaged index file .100 bytes"):
         PatchIndex.load(tmp_path / "idx")
 
 

@@ -1,0 +1,111 @@
+"""Real patch embeddings for the benchmarks (MVTec AD bottle, efficientnet_lite0).
+
+* ``train_patches()``: the 163,856 raw 152-d patch embeddings of bottle's 209 training
+  images, read from a built index's Arrow store (``patchsearch build --category bottle``).
+* ``augmented_patches(n)``: more real 152-d patch embeddings, from flipped, rotated and
+  colour-jittered copies of the training images (cached under ~/.cache/patchsearch-bench).
+* ``test_patches(n_images)``: patch embeddings of real bottle test images (queries).
+* ``lift(x, d)``: d = 152 returns x; otherwise relu(x @ W) with a fixed Gaussian W
+  (152 x d): a stand-in for wide_resnet50_2's 1536-d embeddings, whose ImageNet weights
+  cannot be downloaded here. It keeps the real neighbourhood structure of the patches
+  in a d-dimensional, non-negative (post-ReLU-like) space; search cost depends on d.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("PATCHSEARCH_BENCH_CACHE", Path.home() / ".cache" / "patchsearch-bench"))
+
+
+def data_root() -> Path:
+    from patchsearch.data import default_data_root
+
+    root = Path(os.environ.get("PATCHSEARCH_DATA_ROOT") or REPO.parent / "shared" / "data" / "mvtec_ad")
+    return root if root.is_dir() else default_data_root()
+
+
+def train_patches(index_dir: Path = REPO / "indexes" / "bottle") -> np.ndarray:
+    from patchsearch.store import PatchStore
+
+    path = index_dir / "patches.arrow"
+    if not path.is_file():
+        raise SystemExit(f"{path} missing: run 'patchsearch build --category bottle' first")
+    return PatchStore(path).embeddings()
+
+
+def _embed(images: list[torch.Tensor]) -> np.ndarray:
+    from patchsearch.features import PatchEmbedder
+
+    emb = PatchEmbedder()
+    out = [emb(torch.stack(images[i:i + 16])).numpy().reshape(-1, emb.dim) for i in range(0, len(images), 16)]
+    return np.concatenate(out)
+
+
+def augmented_patches(n: int) -> np.ndarray:
+    """n real 152-d patch embeddings of augmented bottle training images (cached)."""
+    from patchsearch.data import Geometry, load_image, train_images
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"bottle_aug_{n}.npy"
+    if path.is_file():
+        return np.load(path, mmap_mode="r")
+    g = Geometry()
+    base = [g.image_tensor(load_image(p)) for p in train_images(data_root(), "bottle")]
+    rng = np.random.default_rng(0)
+    out, have, aug = [], 0, 0
+    while have < n:
+        imgs = []
+        for t in base:
+            t = torch.rot90(t, aug % 4, (1, 2))
+            if aug // 4 % 2:
+                t = torch.flip(t, (2,))
+            t = t * float(rng.uniform(0.9, 1.1)) + float(rng.normal(0, 0.05))
+            imgs.append(t)
+        x = _embed(imgs)
+        out.append(x)
+        have += len(x)
+        aug += 1
+    x = np.concatenate(out)[:n]
+    np.save(path, x)
+    return x
+
+
+def test_patches(n_images: int = 4) -> np.ndarray:
+    """(n_images, 784, 152) embeddings of bottle test images, half defective, half good."""
+    from patchsearch.data import Geometry, load_image
+
+    test = data_root() / "bottle" / "test"
+    paths = sorted((test / "broken_large").glob("*.png"))[: n_images // 2] + \
+        sorted((test / "good").glob("*.png"))[: n_images - n_images // 2]
+    g = Geometry()
+    return _embed([g.image_tensor(load_image(p)) for p in paths]).reshape(n_images, -1, 152)
+
+
+def lift(x: np.ndarray, d: int, seed: int = 0, chunk: int = 65536, path: Path | None = None) -> np.ndarray:
+    """relu(x @ W) (see the module doc); with ``path``, written to (and reused from) a
+    memory-mapped .npy file, so that a 10 GB bank is file-backed, not anonymous memory."""
+    if d == x.shape[-1]:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if path is not None and path.is_file():
+        return np.load(path, mmap_mode="r")
+    w = (np.random.default_rng(seed).standard_normal((x.shape[-1], d)) / np.sqrt(x.shape[-1])).astype(np.float32)
+    flat = x.reshape(-1, x.shape[-1])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(str(path) + ".tmp.npy", mode="w+", dtype=np.float32, shape=(len(flat), d))
+        for s in range(0, len(flat), chunk):
+            np.maximum(np.asarray(flat[s:s + chunk], np.float32) @ w, 0, out=out[s:s + chunk])
+        out.flush()
+        del out
+        os.replace(str(path) + ".tmp.npy", path)
+        return np.load(path, mmap_mode="r")
+    out = np.empty((len(flat), d), np.float32)
+    for s in range(0, len(flat), chunk):
+        np.maximum(np.asarray(flat[s:s + chunk], np.float32) @ w, 0, out=out[s:s + chunk])
+    return out.reshape(*x.shape[:-1], d)
