@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Peak memory of building a 1.6M x 1536 memory bank from an Arrow patch store.
+
+Writes a patch store of 1,600,000 x 1536 float32 (10 GB; the 1536-d stand-in patches of
+benchdata.py, in batches of 16 images of 784 patches), then runs the build's store ->
+coreset (ratio 0.1) -> memory bank -> support sets -> flat index stage on it, and prints
+the peak anonymous memory (sampled RssAnon: what must fit in RAM) and the peak RSS
+(which also counts pages of the memory-mapped store, reclaimable page cache). The store is read memory-mapped.
+
+    python scripts/bench_memory.py [--dir /tmp/ps-mem]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+import benchdata
+from patchsearch.pipeline import _index_from_store
+from patchsearch.store import STORE_FILE, PatchStoreWriter
+
+
+_PEAK_ANON = [0]
+
+
+def _anon_gb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 2 ** 20
+    return 0.0
+
+
+def _sample():
+    while True:
+        _PEAK_ANON[0] = max(_PEAK_ANON[0], _anon_gb())
+        time.sleep(0.05)
+
+
+def peak_gb() -> str:
+    """Peak anonymous (heap) memory so far, and peak RSS including memory-mapped file pages."""
+    return (f"{_PEAK_ANON[0]:.2f} GiB anonymous (RSS incl. mapped file pages "
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/ps-mem"))
+    ap.add_argument("--rows", type=int, default=1_600_000)
+    args = ap.parse_args()
+    import threading
+
+    threading.Thread(target=_sample, daemon=True).start()
+    shutil.rmtree(args.dir, ignore_errors=True)
+    args.dir.mkdir(parents=True)
+    base = benchdata.augmented_patches(args.rows)
+    data = benchdata.lift(base, 1536, path=benchdata.CACHE / f"bank_{args.rows}_1536.npy")
+    t = time.perf_counter()
+    per = 16 * 784
+    with PatchStoreWriter(args.dir / STORE_FILE, 1536) as w:
+        for s in range(0, args.rows, per):
+            chunk = np.asarray(data[s:s + per])
+            n = len(chunk) // 784
+            w.write([f"img{s // 784 + i}.png" for i in range(n)], chunk[: n * 784].reshape(n, 28, 28, 1536))
+    del data
+    print(f"| store written ({args.rows:,} x 1536, {(args.dir / STORE_FILE).stat().st_size / 2**30:.1f} GiB) | "
+          f"{time.perf_counter() - t:.0f} s | {peak_gb()} |", flush=True)
+    timings = {}
+    t = time.perf_counter()
+    _index_from_store(args.dir, {"category": "synthetic"}, timings, 0.1, 0, 1, "flat", None, False,
+                      lambda m: print("   " + m, flush=True))
+    print(f"| coreset {timings['coreset']:.0f} s + bank, support sets, index {timings['index']:.0f} s | "
+          f"{time.perf_counter() - t:.0f} s | {peak_gb()} |", flush=True)
+    shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
