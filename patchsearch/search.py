@@ -353,7 +353,9 @@ class PatchIndex:
         Row m holds m itself first, then its nearest other bank rows by increasing L2.
         """
         b = min(b, self.size)
-        flat = faiss_index.ShardedSearcher(faiss_index.build_shards(self.bank, 1, "flat"), gpu=self._searcher.on_gpu)
+        # On CPU search the bank array in place (faiss.knn); an IndexFlatL2 would copy it.
+        flat = faiss_index.ShardedSearcher(faiss_index.build_shards(self.bank, 1, "flat"), gpu=True) \
+            if self._searcher.on_gpu else faiss_index.KnnSearcher(self.bank)
         out = np.empty((self.size, b), dtype=np.int64)
         for s in range(0, self.size, chunk):
             rows = np.arange(s, min(self.size, s + chunk))
