@@ -1,6 +1,6 @@
 """patchsearch: FAISS-backed similarity search for PatchCore anomaly detection.
 
-Library entry points::
+Library entry points (``import patchsearch`` and searching embeddings need no torch)::
 
     from patchsearch import PatchIndex, kcenter_greedy
     index = PatchIndex.from_embeddings(bank, shards=2)     # bank: float32 (M, d)
@@ -11,8 +11,9 @@ Library entry points::
 
 from .coreset import covering_radius, kcenter_greedy
 from .errors import IndexFormatError, InputError, PatchsearchError, WeightsUnavailableError
-from .search import PatchIndex, SearchResult
+from .index import PatchIndex
+from .result import SearchResult
 
 __all__ = ["PatchIndex", "SearchResult", "kcenter_greedy", "covering_radius", "PatchsearchError",
            "InputError", "IndexFormatError", "WeightsUnavailableError"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

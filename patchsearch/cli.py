@@ -77,8 +77,8 @@ def _index_params(nlist, pq_m, pq_bits, nprobe, rerank) -> dict:
 
 def _summary(index) -> str:
     return json.dumps({"index": str(index.path), "type": index.index_type, "memory_bank": index.size,
-                       "dim": index.dim, "shards": len(index.shards), "ivfpq": index.meta.get("ivfpq"),
-                       "timings": index.meta.get("timings")})
+                       "dim": index.dim, "shards": len(index.shards), "ivfpq": index.params or None,
+                       "timings": index.manifest.timings})
 
 
 def _data_root(value):
@@ -120,8 +120,9 @@ def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, 
     from .data import Geometry, train_images
     from .pipeline import build as run_build
 
-    paths = train_images(_data_root(data_root), category)
-    index = run_build(paths, index_dir / category, category=category, backbone=backbone,
+    root = _data_root(data_root)
+    paths = train_images(root, category)
+    index = run_build(paths, index_dir / category, category=category, data_root=root / category, backbone=backbone,
                       layers=layers.split(",") if layers else None, weights=weights, embed_dim=embed_dim,
                       geometry=Geometry(resize, crop), coreset_ratio=coreset_ratio, seed=seed, shards=shards,
                       index=index_type or "flat", index_params=_index_params(nlist, pq_m, pq_bits, nprobe, rerank),
@@ -149,14 +150,21 @@ def rebuild(category, index_dir, coreset_ratio, seed, shards, index_type, nlist,
 
 
 def _load(index_dir: Path, category: str, nprobe: int | None = None, backbone: str | None = None,
-          embed_dim: int | None = None):
-    from .search import PatchIndex
+          embed_dim: int | None = None, weights: Path | None = None):
+    from .index import PatchIndex
 
-    return PatchIndex.load(index_dir / category, nprobe=nprobe, backbone=backbone, embed_dim=embed_dim)
+    index = PatchIndex.load(index_dir / category, nprobe=nprobe, backbone=backbone, embed_dim=embed_dim)
+    if weights is not None:  # an index built with --weights: its embedder needs the file
+        from .query import embedder_for
+
+        embedder_for(index, str(weights))
+    return index
 
 
 def _query_options(fn):
-    """--nprobe, and --backbone / --embed-dim as expectations checked against the index."""
+    """--nprobe, --weights, and --backbone / --embed-dim as expectations checked against the index."""
+    fn = click.option("--weights", type=click.Path(path_type=Path), default=None,
+                      help="the state-dict file the index was built with, if it was built with --weights")(fn)
     fn = click.option("--embed-dim", type=click.IntRange(min=1), default=None,
                       help="fail unless the index holds embeddings of this dimension")(fn)
     fn = click.option("--backbone", default=None, help="fail unless the index was built with this backbone")(fn)
@@ -174,7 +182,7 @@ def _query_options(fn):
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @_query_options
 @_friendly
-def query(images, category, index_dir, maps_dir, k, batch_size, nprobe, backbone, embed_dim):
+def query(images, category, index_dir, maps_dir, k, batch_size, nprobe, weights, backbone, embed_dim):
     """Score IMAGES (files or folders): one JSON line per image.
 
     Each line has path, image_score (Eq. 7), the top patch's row/col, its k nearest
@@ -183,15 +191,17 @@ def query(images, category, index_dir, maps_dir, k, batch_size, nprobe, backbone
     """
     from .data import list_images
 
-    index = _load(index_dir, category, nprobe, backbone, embed_dim)
+    index = _load(index_dir, category, nprobe, backbone, embed_dim, weights)
     if k > index.size:
         raise InputError(f"--k {k} is larger than the memory bank ({index.size} vectors)")
     paths = list_images(images)
     if maps_dir is not None:
         maps_dir.mkdir(parents=True, exist_ok=True)
+    from .query import geometry_of, iter_query
+
     failed = 0
     written: set[Path] = set()
-    for part in index.iter_query(paths, k=k, batch_size=batch_size, maps=maps_dir is not None):
+    for part in iter_query(index, paths, k=k, batch_size=batch_size, maps=maps_dir is not None):
         h, w = part.grid or (0, 0)
         for i, path in enumerate(part.paths):
             if i in part.errors:
@@ -206,7 +216,7 @@ def query(images, category, index_dir, maps_dir, k, batch_size, nprobe, backbone
                    "neighbours": index.describe_locations(part.locations[i, top])}
             if maps_dir is not None:
                 out = _unique(maps_dir / f"{Path(path).parent.name}_{Path(path).stem}_anomaly_map.png", written)
-                _write_heatmap(path, part.anomaly_maps[i], index.geometry, out)
+                _write_heatmap(path, part.anomaly_maps[i], geometry_of(index), out)
                 rec["anomaly_map"] = str(out)
             click.echo(json.dumps(rec))
     if failed:
@@ -249,11 +259,11 @@ def _write_heatmap(image_path: str, amap: np.ndarray, geometry, out: Path) -> No
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @_query_options
 @_friendly
-def evaluate(category, data_root, index_dir, as_json, batch_size, nprobe, backbone, embed_dim):
+def evaluate(category, data_root, index_dir, as_json, batch_size, nprobe, weights, backbone, embed_dim):
     """Image and pixel AUROC of CATEGORY's test split."""
     from .pipeline import evaluate as run_evaluate
 
-    index = _load(index_dir, category, nprobe, backbone, embed_dim)
+    index = _load(index_dir, category, nprobe, backbone, embed_dim, weights)
     res = run_evaluate(index, _data_root(data_root), category, batch_size=batch_size,
                        progress=sys.stderr.isatty())
     if as_json:
@@ -274,18 +284,22 @@ def evaluate(category, data_root, index_dir, as_json, batch_size, nprobe, backbo
 @_index_dir_option
 @_friendly
 def verify(category, index_dir):
-    """Check every file of CATEGORY's index against the sizes and SHA-256 in its manifest."""
-    from .manifest import verify as run_verify
-    from .search import PatchIndex
+    """Check every file of CATEGORY's current index version against the sizes and SHA-256
+    in its manifest."""
+    from .format import verify as run_verify
+    from .index import PatchIndex
+    from .versions import open_version
 
     path = index_dir / category
-    problems = run_verify(path)
-    for line in problems:
-        click.echo(f"damaged: {line}", err=True)
-    if problems:
-        sys.exit(1)
+    with open_version(path) as lease:
+        problems = run_verify(lease.path)
+        for line in problems:
+            click.echo(f"damaged: {line}", err=True)
+        if problems:
+            sys.exit(1)
     index = PatchIndex.load(path)  # and that it opens
-    click.echo(f"ok: {path} intact ({len(index.meta.get('files', {}))} files, memory bank {index.size} x {index.dim})")
+    click.echo(f"ok: {path} intact ({lease.version or 'format 1'}, {len(index.manifest.files)} files, "
+               f"memory bank {index.size} x {index.dim})")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, check_finite
 
 PROJECTION_DIM = 128
 
@@ -32,6 +32,13 @@ def _check_embeddings(embeddings) -> tuple[int, int]:
     if shape is None or len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
         raise InputError(f"embeddings must be a non-empty (N, d) array, got shape {shape}")
     return int(shape[0]), int(shape[1])
+
+
+def check_ratio(ratio: float) -> float:
+    """Raises InputError unless the coreset ratio is in (0, 1]."""
+    if not 0.0 < ratio <= 1.0:
+        raise InputError(f"--coreset-ratio must be in (0, 1], got {ratio}")
+    return ratio
 
 
 def random_projection(embeddings, projection_dim: int = PROJECTION_DIM, seed: int = 0,
@@ -53,8 +60,7 @@ def random_projection(embeddings, projection_dim: int = PROJECTION_DIM, seed: in
     out = np.empty((n, projection_dim if matrix is not None else d), dtype=np.float32)
     for start in range(0, n, chunk):
         block = np.asarray(embeddings[start:start + chunk], dtype=np.float32)
-        if not np.isfinite(block).all():
-            raise InputError(f"embeddings contain NaN or infinite values (rows {start}..{start + len(block) - 1})")
+        check_finite(block, "embeddings", first_row=start)
         if matrix is None:
             out[start:start + len(block)] = block
         else:
@@ -107,8 +113,7 @@ def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int 
     Raises:
         InputError: ratio outside (0, 1], empty input or NaN/inf values.
     """
-    if not 0.0 < ratio <= 1.0:
-        raise InputError(f"coreset ratio must be in (0, 1], got {ratio}")
+    check_ratio(ratio)
     n, _ = _check_embeddings(embeddings)
     n_select = max(1, int(n * ratio))
     points = random_projection(embeddings, projection_dim, seed)

@@ -21,3 +21,17 @@ class WeightsUnavailableError(PatchsearchError):
 class IndexFormatError(PatchsearchError):
     """An index directory is missing, damaged, of another format version or
     incompatible with what was asked (other backbone, other embedding dimension)."""
+
+
+def check_finite(array, what: str, chunk: int = 65536, first_row: int = 0) -> None:
+    """Raise :class:`InputError` naming ``what`` and the first bad row block if ``array``
+    (an (N, ...) numpy array or memory map) holds NaN or infinite values. Checked in
+    blocks of ``chunk`` rows, so no array-sized temporary is made; ``first_row`` is the
+    row number of ``array[0]`` in the caller's numbering (for the message)."""
+    import numpy as np
+
+    for start in range(0, len(array), chunk):
+        block = np.asarray(array[start:start + chunk])
+        if not np.isfinite(block).all():
+            a = first_row + start
+            raise InputError(f"{what} contain NaN or infinite values (rows {a}..{a + len(block) - 1})")

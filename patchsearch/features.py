@@ -21,7 +21,6 @@ Backbones:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -31,19 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError, WeightsUnavailableError
+from .files import sha256 as file_sha256
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 _RESNET_LAYERS = ("layer2", "layer3")
 _LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_state_dict(path: Path) -> dict:
@@ -80,7 +71,7 @@ def _lite_model(name: str, weights: str | None):
         weights = getattr(module, f"EfficientnetLite{level}ModelFile").get_model_file_path()
         source = f"{package}:{Path(weights).name}"
     else:
-        source = str(Path(weights).resolve())
+        source = f"file:{Path(weights).name}"
     path = Path(weights)
     state = _load_state_dict(path)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -110,7 +101,7 @@ def _torchvision_model(name: str, weights: str | None):
     if weights is not None:
         path = Path(weights)
         state = _load_state_dict(path)
-        ident = {"source": str(path.resolve()), "sha256": file_sha256(path)}
+        ident = {"source": f"file:{path.name}", "sha256": file_sha256(path)}
     else:
         enum = torchvision.models.get_model_weights(name).DEFAULT
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(enum.url).path).name
@@ -207,10 +198,11 @@ class PatchEmbedder(torch.nn.Module):
         self.dim = embed_dim or full
 
     def describe(self) -> dict:
-        """What the manifest records to rebuild this embedder exactly."""
+        """What the manifest records to rebuild this embedder exactly: name, layers,
+        dimensions and the weights' identity (source name and SHA-256; never a path of
+        the build machine)."""
         return {"name": self.backbone, "layers": list(self.layers), "layer_channels": list(self.layer_channels),
-                "embed_dim": self.dim, "reduced": self.embed_dim is not None, "weights": self.weights_id,
-                "weights_path": self.weights}
+                "embed_dim": self.dim, "reduced": self.embed_dim is not None, "weights": self.weights_id}
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,387 +1,335 @@
-"""Sharded FAISS indexes over the memory bank, and exact re-ranking.
+""":class:`PatchIndex`: a PatchCore memory bank you can search (no images, no torch).
 
-Index types:
-
-* ``flat``: ``faiss.IndexFlatL2`` (exact squared L2). The bank is split into
-  contiguous row ranges, one index per shard, searched together through
-  ``faiss.IndexShards(successive_ids=True)``, so returned ids are memory-bank rows.
-* ``ivfpq``: ``faiss.IndexIVFPQ`` (inverted lists over a coarse k-means quantizer,
-  product-quantized residuals). One index is trained on a sample of the bank; each
-  shard is a copy of it (``faiss.clone_index``) holding its rows with their bank-row
-  ids (``add_with_ids``), searched through ``IndexShards(successive_ids=False)``.
-  Candidates are re-ranked with exact L2 distances against the memory bank
-  (:func:`rerank`), so reported distances are exact.
-
-Where faiss has GPUs (``faiss.get_num_gpus() > 0``) each shard is copied to a GPU
-(``faiss.index_cpu_to_gpu``), round-robin over the devices.
-
-On CPU, exact (flat) search can run as an int8 candidate pass (``torch._int_mm``,
-about 4x the fp32 matmul rate on CPUs with VNNI) followed by exact fp32 re-ranking
-of the candidates and a per-query check that falls back to ``faiss.IndexFlatL2``
-(:class:`Int8Flat`).
-
-All distances here are squared L2; callers take the square root.
+For every query patch embedding it returns the k nearest memory-bank distances (L2,
+not squared) and locations (memory-bank rows, which map back to the training image
+and patch they came from), and per image PatchCore's reweighted score (paper Eq. 7,
+:func:`patchsearch.score.reweighted_scores`). Images go through
+:mod:`patchsearch.query`, which embeds them and calls :meth:`PatchIndex.search`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .errors import IndexFormatError, InputError
+from . import ivf, searchers
+from .bank import B, BANK_FILE, MemoryBank, check_embeddings, exact_support_sets, read_bank, \
+    support_from_neighbours, write_bank
+from .errors import IndexFormatError, InputError, check_finite
+from .format import Manifest, check_sizes, package_versions, read_manifest, write_manifest
+from .result import SearchResult
+from .score import reweighted_scores
+from .versions import Lease, current_version, new_version, open_version
 
-INDEX_TYPES = ("flat", "ivfpq")
-# Sub-quantizer counts (bytes per 8-bit code) and dimensions per sub-quantizer that
-# FAISS GPU IVFPQ (GpuIndexIVFPQ) supports.
-GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
-GPU_PQ_DSUB = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
-
-
-def _faiss():
-    import faiss
-
-    return faiss
+K = 9  # nearest neighbours reported per patch
+AUTO_INT8_DIM = 512  # below this FAISS flat is already faster than the int8 pass
 
 
-def num_gpus() -> int:
-    """Number of GPUs faiss can use (0 with faiss-cpu)."""
-    faiss = _faiss()
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+class PatchIndex:
+    """A memory bank (:class:`~patchsearch.bank.MemoryBank`) with a searcher over it.
 
+    Build one with :meth:`from_embeddings` or ``patchsearch build``, open one with
+    :meth:`load`. A loaded index holds a lease on its version of the index directory
+    (:mod:`patchsearch.versions`) until :meth:`close`.
 
-def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
-    """Split ``rows`` into ``shards`` contiguous, near-equal [start, stop) ranges.
-
-    Raises:
-        InputError: shards < 1 or more shards than rows.
-    """
-    if shards < 1:
-        raise InputError(f"--shards must be at least 1, got {shards}")
-    if shards > rows:
-        raise InputError(f"--shards {shards} is more than the {rows} memory-bank rows")
-    edges = np.linspace(0, rows, shards + 1).round().astype(np.int64)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-
-
-def auto_ivfpq_params(rows: int, dim: int, nlist: int | None = None, pq_m: int | None = None,
-                      pq_bits: int | None = None, nprobe: int | None = None, rerank: int | None = None) -> dict:
-    """IVF-PQ parameters for a bank of ``rows`` x ``dim``; given values are kept (and checked).
-
-    * nlist: the power of two nearest 4 * sqrt(rows), at most rows / 39 (FAISS wants
-      >= 39 training points per centroid), at least 1.
-    * pq_m: the largest sub-quantizer count that FAISS GPU supports (``GPU_PQ_M`` with
-      ``dim / pq_m`` in ``GPU_PQ_DSUB``) with at least 4 dimensions per sub-quantizer
-      (1536 -> 96 bytes a vector, 1/64 of flat). Where no such count divides ``dim``
-      (152 = 8 x 19), the largest divisor with at least 4 dimensions per sub-quantizer
-      (152 -> 38), and ``gpu_compatible`` is False: such shards stay on the CPU.
-    * pq_bits: 8.
-    * nprobe: nlist / 16 (the build then tunes it for recall, see :func:`tune_nprobe`).
-    * rerank: 8 (8k candidates re-ranked exactly).
-
-    Raises:
-        InputError: pq_m does not divide dim, nlist outside [1, rows], bad bits/nprobe.
-    """
-    if nlist is None:
-        nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(rows))))
-        nlist = max(1, min(nlist, rows // 39 or 1))
-    if not 1 <= nlist <= rows:
-        raise InputError(f"--nlist {nlist} must be between 1 and the {rows} memory-bank rows")
-    if pq_m is None:
-        fits = [m for m in GPU_PQ_M if dim % m == 0 and dim // m in GPU_PQ_DSUB and dim // m >= 4]
-        pq_m = max(fits) if fits else max(m for m in range(1, dim + 1) if dim % m == 0 and dim // m >= min(4, dim))
-    if pq_m < 1 or dim % pq_m:
-        raise InputError(f"--pq-m {pq_m} must divide the embedding dimension {dim}")
-    gpu_ok = pq_m in GPU_PQ_M and dim // pq_m in GPU_PQ_DSUB
-    pq_bits = 8 if pq_bits is None else pq_bits
-    if not 1 <= pq_bits <= 16:
-        raise InputError(f"--pq-bits {pq_bits} must be between 1 and 16")
-    if rows < 2 ** pq_bits:
-        pq_bits = max(1, int(math.log2(rows)))
-    nprobe = max(1, nlist // 16) if nprobe is None else nprobe
-    if not 1 <= nprobe <= nlist:
-        raise InputError(f"--nprobe {nprobe} must be between 1 and nlist {nlist}")
-    rerank = 8 if rerank is None else rerank
-    if rerank < 0:
-        raise InputError(f"--rerank {rerank} must be >= 0")
-    return {"nlist": int(nlist), "pq_m": int(pq_m), "pq_bits": int(pq_bits), "nprobe": int(nprobe),
-            "rerank": int(rerank), "gpu_compatible": bool(gpu_ok and pq_bits == 8)}
-
-
-def build_shards(bank: np.ndarray, shards: int = 1, index_type: str = "flat", params: dict | None = None,
-                 seed: int = 0, train_size: int | None = None) -> list:
-    """CPU FAISS indexes over the memory bank, one per contiguous row range.
-
-    Args:
-        bank: float32 (M, d) memory bank.
-        shards: number of shards.
-        index_type: ``"flat"`` or ``"ivfpq"``.
-        params: IVF-PQ parameters (:func:`auto_ivfpq_params`).
-        seed: seeds the IVF-PQ training sample and k-means.
-        train_size: IVF-PQ training sample size (default min(M, 64 * max(nlist, 2**pq_bits))).
-
-    Returns:
-        list of faiss indexes; shard i holds rows ``shard_bounds(M, shards)[i]``
-        (flat: as ids 0.. within the shard; ivfpq: with their bank-row ids).
-    """
-    if index_type not in INDEX_TYPES:
-        raise InputError(f"unknown index type {index_type!r}; known: {', '.join(INDEX_TYPES)}")
-    faiss = _faiss()
-    bounds = shard_bounds(len(bank), shards)
-    d = bank.shape[1]
-    if index_type == "flat":
-        out = []
-        for start, stop in bounds:
-            index = faiss.IndexFlatL2(d)
-            index.add(np.ascontiguousarray(bank[start:stop], dtype=np.float32))
-            out.append(index)
-        return out
-    p = params or auto_ivfpq_params(len(bank), d)
-    trained = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, p["nlist"], p["pq_m"], p["pq_bits"])
-    trained.cp.seed = seed
-    trained.pq.cp.seed = seed
-    n_train = min(len(bank), train_size or 64 * max(p["nlist"], 2 ** p["pq_bits"]))
-    sample = np.sort(np.random.default_rng(seed).choice(len(bank), n_train, replace=False))
-    trained.train(np.ascontiguousarray(bank[sample], dtype=np.float32))
-    out = []
-    for start, stop in bounds:
-        index = faiss.clone_index(trained)
-        for s in range(start, stop, 262144):  # bounded-memory adds
-            e = min(stop, s + 262144)
-            index.add_with_ids(np.ascontiguousarray(bank[s:e], dtype=np.float32), np.arange(s, e, dtype=np.int64))
-        index.nprobe = p["nprobe"]
-        out.append(index)
-    return out
-
-
-def index_memory_bytes(index) -> int:
-    """Serialized size of a faiss index in bytes (its memory footprint on CPU)."""
-    return int(_faiss().serialize_index(index).size)
-
-
-class ShardedSearcher:
-    """Searches a list of shards as one index (``faiss.IndexShards``).
-
-    Args:
-        shards: CPU faiss indexes from :func:`build_shards`.
-        gpu: place shards on GPUs; None = when ``num_gpus() > 0``.
-        float16: IVF-PQ on GPU: float16 lookup tables (needed by FAISS for codes of
-            more than 48 bytes); flat on GPU: float16 storage.
+    Attributes:
+        memory_bank: the :class:`~patchsearch.bank.MemoryBank`.
+        manifest: the :class:`~patchsearch.format.Manifest` (build metadata).
+        searcher: the :class:`~patchsearch.searchers.Searcher` answering :meth:`knn`.
+        path: the index directory it was loaded from or saved to, or None.
     """
 
-    def __init__(self, shards: list, gpu: bool | None = None, float16: bool = False):
-        faiss = _faiss()
-        self.cpu_shards = shards
-        self.is_ivf = faiss.try_extract_index_ivf(shards[0]) is not None
-        ngpu = num_gpus()
-        self.on_gpu = bool(ngpu) if gpu is None else bool(gpu and ngpu)
-        if self.is_ivf and self.on_gpu:
-            pq = shards[0].pq
-            if pq.M not in GPU_PQ_M or pq.dsub not in GPU_PQ_DSUB or pq.nbits != 8:
-                self.on_gpu = False  # FAISS GPU cannot hold this PQ layout: search it on the CPU
-        self._resources = []
-        placed = shards
-        if self.on_gpu:
-            co = faiss.GpuClonerOptions()
-            co.useFloat16 = float16
-            if self.is_ivf:
-                co.useFloat16LookupTables = float16 or shards[0].pq.M > 48
-            self._resources = [faiss.StandardGpuResources() for _ in range(ngpu)]
-            placed = [faiss.index_cpu_to_gpu(self._resources[i % ngpu], i % ngpu, s, co)
-                      for i, s in enumerate(shards)]
-        self._placed = placed
-        if len(placed) == 1:
-            self.index = placed[0]
-        else:
-            # threaded=True runs GPU shards concurrently; on CPU each shard already
-            # uses every core through OpenMP, so shards run one after the other.
-            self.index = faiss.IndexShards(shards[0].d, self.on_gpu, not self.is_ivf)
-            for s in placed:
-                self.index.add_shard(s)
+    def __init__(self, memory_bank: MemoryBank, shards: list, manifest: Manifest, gpu: bool | None = None,
+                 exact: str = "auto", lease: Lease | None = None):
+        if exact not in ("faiss", "int8", "auto"):
+            raise InputError(f"exact search must be faiss, int8 or auto, got {exact!r}")
+        self.memory_bank = memory_bank
+        self.manifest = manifest
+        self.path: Path | None = None
+        self._lease = lease
+        self._sharded = searchers.ShardedSearcher(shards, gpu=gpu)
+        self.searcher = self._sharded
+        if self._sharded.is_ivf:
+            self.searcher = ivf.IVFPQSearcher(self._sharded, self.bank, manifest.index["params"])
+        elif not self._sharded.on_gpu and exact != "faiss":
+            from .int8 import Int8Searcher, cpu_has_int8_dot
 
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
+            if exact == "int8" or (self.dim >= AUTO_INT8_DIM and cpu_has_int8_dot()):
+                self.searcher = Int8Searcher(self.bank, self._sharded)
 
-    def set_nprobe(self, nprobe: int) -> None:
-        """IVF: number of inverted lists visited per query."""
-        faiss = _faiss()
-        for s in self._placed:
-            ivf = faiss.try_extract_index_ivf(s)
-            if ivf is not None:
-                ivf.nprobe = int(nprobe)
-            elif hasattr(s, "nprobe"):
-                s.nprobe = int(nprobe)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest memory-bank rows of each query.
+    # construction -------------------------------------------------------------------
+    @classmethod
+    def from_embeddings(cls, bank: np.ndarray, shards: int = 1, index: str = "flat", *,
+                        nlist: int | None = None, pq_m: int | None = None, pq_bits: int | None = None,
+                        nprobe: int | None = None, rerank: int | None = None, target_recall: float = 0.95,
+                        recall_queries: np.ndarray | None = None, support_sets: bool = True, b: int = B,
+                        seed: int = 0, sources: dict | None = None, images: list[str] | None = None,
+                        manifest: dict | None = None, gpu: bool | None = None, exact: str = "auto") -> "PatchIndex":
+        """Index a memory bank.
 
         Args:
-            queries: float32 (n, d).
-            k: neighbours per query, 1 <= k <= ntotal.
+            bank: float (M, d) memory bank (converted to float32).
+            shards: number of FAISS shards (results equal one shard; ids stay bank rows).
+            index: index type, ``"flat"`` (exact L2, ``faiss.IndexFlatL2``) or ``"ivfpq"``
+                (``faiss.IndexIVFPQ`` candidates re-ranked with exact L2).
+            nlist, pq_m, pq_bits, nprobe, rerank: IVF-PQ parameters; those not given are
+                chosen by :func:`patchsearch.ivf.auto_params`, and nprobe is then raised
+                (doubling) until recall@9 reaches ``target_recall``.
+            recall_queries: float32 (n, d) held-aside patches for measuring IVF-PQ
+                recall@9 (default: 1000 bank rows, themselves excluded).
+            support_sets: precompute N_b(m) for every bank row (exact kNN graph of the
+                bank) so that a query needs one search instead of two (Eq. 7).
+            b: support-set size.
+            seed: seeds the IVF-PQ training sample and k-means.
+            sources, images: where each bank row came from (see :class:`MemoryBank`).
+            manifest: build metadata for the manifest (category, backbone, geometry, ...).
+            gpu: place shards on GPUs; None = when faiss sees GPUs.
+            exact: flat search on CPU: ``"faiss"`` (IndexFlatL2), ``"int8"``
+                (:class:`patchsearch.int8.Int8Searcher`) or ``"auto"`` (int8 where the CPU
+                has VNNI and d >= 512, else faiss).
+
+        Raises:
+            InputError: not a non-empty 2-D float array, NaN/inf values, bad shard count,
+                index type or IVF-PQ parameters.
+        """
+        bank = check_embeddings(bank)
+        searchers.check_index_type(index)
+        params = {}
+        if index == "ivfpq":
+            params = ivf.auto_params(len(bank), bank.shape[1], nlist, pq_m, pq_bits, nprobe, rerank)
+            built = ivf.build_shards(bank, shards, params, seed=seed)
+        else:
+            built = searchers.build_flat_shards(bank, shards)
+        man = Manifest(embedding_dim=int(bank.shape[1]), memory_bank={"file": BANK_FILE, "size": len(bank)},
+                       index={"type": index, "metric": "L2", "params": params}, **(manifest or {}))
+        out = cls(MemoryBank(bank, sources, images), built, man, gpu=gpu, exact=exact)
+        if index == "ivfpq":
+            man.index["params"] = ivf.tune_nprobe(out.searcher, recall_queries, target_recall, tune=nprobe is None,
+                                                  seed=seed)
+        if support_sets:
+            exact_searcher = searchers.KnnSearcher(bank) if not out._sharded.on_gpu else \
+                searchers.ShardedSearcher(searchers.build_flat_shards(bank), gpu=True)
+            out.memory_bank.support = exact_support_sets(bank, exact_searcher, b)
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, gpu: bool | None = None, nprobe: int | None = None,
+             exact: str = "auto", backbone: str | None = None, embed_dim: int | None = None) -> "PatchIndex":
+        """Open the current version of an index directory.
+
+        The version is leased (:func:`patchsearch.versions.open_version`): a rebuild
+        installing a newer version meanwhile neither mixes files of two versions into
+        this load nor removes this version while the returned index is open.
+
+        Args:
+            path: the index directory (``<index-dir>/<category>``).
+            gpu: place shards on GPUs; None = when faiss sees GPUs.
+            nprobe: IVF-PQ query-time override of the stored nprobe.
+            exact: see :meth:`from_embeddings`.
+            backbone, embed_dim: if given, the index must have been built with them.
+
+        Raises:
+            IndexFormatError: no index, unknown format version, missing, truncated or
+                inconsistent files, or another backbone / embedding dimension than asked.
+        """
+        path = Path(path)
+        for attempt in range(5):
+            lease = open_version(path)
+            try:
+                out = cls._read(lease, path, gpu, exact)
+                break
+            except (IndexFormatError, FileNotFoundError):
+                lease.release()
+                if attempt == 4 or lease.version is None or current_version(path) == lease.version:
+                    raise  # not a version replaced under us: a real error
+        out.path = path
+        out._expect(backbone, embed_dim)
+        if nprobe is not None:
+            out.set_nprobe(nprobe)
+        return out
+
+    @classmethod
+    def _read(cls, lease: Lease, shown: Path, gpu, exact) -> "PatchIndex":
+        base = lease.path
+        man = read_manifest(base, shown)
+        try:
+            check_sizes(base, man)
+            images = None
+            if man.store and man.store.get("files"):
+                from .store import PatchStore
+
+                images = PatchStore(base, partitions=man.store.get("partitions")).image_paths()
+            bank = read_bank(base / man.memory_bank["file"], images)
+            dim = man.embedding_dim
+            if bank.embeddings.shape != (man.memory_bank["size"], dim):
+                raise IndexFormatError(f"{base / man.memory_bank['file']}: memory bank is {bank.embeddings.shape}, "
+                                       f"manifest says ({man.memory_bank['size']}, {dim})")
+            shards = [searchers.read_shard(base / s["file"], dim, s["stop"] - s["start"]) for s in man.index["shards"]]
+        except KeyError as exc:
+            raise IndexFormatError(f"{shown}: incomplete manifest (no {exc})") from None
+        return cls(bank, shards, man, gpu=gpu, exact=exact, lease=lease)
+
+    def _expect(self, backbone: str | None, embed_dim: int | None) -> None:
+        built = (self.manifest.backbone or {}).get("name")
+        where = f"the index at {self.path}" if self.path else "the index"
+        if backbone is not None and built != backbone:
+            raise IndexFormatError(f"{where} was built with backbone {built}, not {backbone}: "
+                                   f"rebuild it with --backbone {backbone} or query without --backbone")
+        if embed_dim is not None and embed_dim != self.dim:
+            raise IndexFormatError(f"{where} holds {self.dim}-d embeddings, not {embed_dim}-d")
+
+    def write(self, directory: str | os.PathLike) -> None:
+        """Write shards, memory bank and manifest into ``directory`` (a version being built)."""
+        directory = Path(directory)
+        names = searchers.write_shards(self._sharded.cpu_shards, directory)
+        write_bank(directory / BANK_FILE, self.memory_bank)
+        bounds = searchers.shard_bounds(self.size, len(names))
+        support = self.memory_bank.support
+        self.manifest.memory_bank = {"file": BANK_FILE, "size": self.size,
+                                     "support_b": None if support is None else int(support.shape[1])}
+        self.manifest.index.update({
+            "shards": [{"file": n, "start": a, "stop": b} for n, (a, b) in zip(names, bounds)],
+            "bytes_per_vector": round(sum((directory / n).stat().st_size for n in names) / self.size, 2)})
+        self.manifest.versions = package_versions()
+        write_manifest(directory, self.manifest)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Install this index as a new version of the index directory ``path``
+        (crash-safe: :func:`patchsearch.versions.new_version`)."""
+        with new_version(path) as tmp:
+            self.write(tmp)
+        self.path = Path(path)
+
+    def close(self) -> None:
+        """Release this index's lease on its version (writers may then remove it)."""
+        if self._lease is not None:
+            self._lease.release()
+
+    # properties ---------------------------------------------------------------------
+    @property
+    def version(self) -> str | None:
+        """The version of the index directory this index was loaded from (e.g. ``v000042``)."""
+        return None if self._lease is None else self._lease.version
+
+    @property
+    def bank(self) -> np.ndarray:
+        """float32 (M, d) memory-bank embeddings."""
+        return self.memory_bank.embeddings
+
+    @property
+    def support(self) -> np.ndarray | None:
+        """int64 (M, b) precomputed support sets, or None."""
+        return self.memory_bank.support
+
+    @property
+    def dim(self) -> int:
+        return self.memory_bank.dim
+
+    @property
+    def size(self) -> int:
+        return self.memory_bank.size
+
+    @property
+    def shards(self) -> list:
+        """The CPU FAISS shards."""
+        return self._sharded.cpu_shards
+
+    @property
+    def index_type(self) -> str:
+        return "ivfpq" if self._sharded.is_ivf else "flat"
+
+    @property
+    def params(self) -> dict:
+        """IVF-PQ parameters and measured recall ({} for flat)."""
+        return self.searcher.params if isinstance(self.searcher, ivf.IVFPQSearcher) else {}
+
+    @property
+    def meta(self) -> dict:
+        """Deprecated alias: the manifest as a dict (use :attr:`manifest`)."""
+        return self.manifest.to_dict()
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """IVF-PQ: inverted lists visited per query (a query-time override).
+
+        Raises:
+            InputError: not an IVF-PQ index, or nprobe outside [1, nlist].
+        """
+        if not isinstance(self.searcher, ivf.IVFPQSearcher):
+            raise InputError("--nprobe applies to IVF-PQ indexes only (this index is flat)")
+        self.searcher.set_nprobe(nprobe)
+
+    # search -------------------------------------------------------------------------
+    def knn(self, queries: np.ndarray, k: int = K) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest memory-bank rows: (L2 distances float32 (n, k), rows int64 (n, k)).
+
+        Flat: exact. IVF-PQ: the ``rerank * k`` candidates re-ranked with exact L2
+        (rows -1 where fewer than k candidates were found).
+
+        Raises:
+            InputError: not (n, d), NaN/inf values, k outside [1, M].
+        """
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise InputError(f"queries must be (n, {self.dim}), got {queries.shape}")
+        if not 1 <= k <= self.size:
+            raise InputError(f"k={k} must be between 1 and the memory-bank size {self.size}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        check_finite(queries, "query embeddings")
+        d2, rows = self.searcher.search(queries, k)
+        return np.sqrt(np.maximum(d2, 0.0)), rows
+
+    def support_sets(self, rows: np.ndarray, b: int = B) -> np.ndarray:
+        """N_b(m) for memory-bank rows m: int64 (n, min(b, M)), m itself first, then its
+        nearest other bank rows by increasing L2. From the precomputed support sets
+        when the index has them (same b), else by a search."""
+        rows = np.asarray(rows, dtype=np.int64)
+        b = min(b, self.size)
+        if self.support is not None and self.support.shape[1] == b:
+            return np.asarray(self.support[rows])
+        _, nn = self.knn(self.bank[rows], min(b + 1, self.size))
+        return support_from_neighbours(rows, nn, b)
+
+    def search(self, patches: np.ndarray, k: int = K, b: int = B) -> SearchResult:
+        """Search the patch embeddings of N images.
+
+        Args:
+            patches: float32 (N, P, d) patch embeddings.
+            k: neighbours reported per patch (1 <= k <= M).
+            b: support-set size of Eq. 7 (clipped to M).
 
         Returns:
-            (squared L2 distances float32 (n, k), memory-bank rows int64 (n, k)), nearest
-            first (IVF-PQ: approximate distances; -1 rows where fewer than k were found).
+            :class:`SearchResult` with distances, locations, image scores and top patches.
+
+        Raises:
+            InputError: wrong shape or dimension, NaN/inf values, k outside [1, M].
         """
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        return self.index.search(queries, k)
+        patches = np.asarray(patches)
+        if patches.ndim != 3 or patches.shape[2] != self.dim or patches.shape[1] == 0:
+            raise InputError(f"patches must be (N, P, {self.dim}), got {patches.shape}")
+        n, p, d = patches.shape
+        dist, loc = self.knn(patches.reshape(n * p, d), k)
+        dist, loc = dist.reshape(n, p, k), loc.reshape(n, p, k)
+        top = dist[..., 0].argmax(axis=1)
+        ar = np.arange(n)
+        support = self.support_sets(loc[ar, top, 0], b) if n else np.empty((0, 1), np.int64)
+        scores = reweighted_scores(patches[ar, top], dist[ar, top, 0], support, self.bank)
+        return SearchResult(dist, loc, scores, top.astype(np.int64))
 
+    def describe_locations(self, rows) -> list[dict]:
+        """Training patch behind each memory-bank row: [{"bank_row", "image", "tile", "row", "col"}]."""
+        return self.memory_bank.describe(rows)
 
-def rerank(queries: np.ndarray, bank: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest among candidate bank rows (``faiss.knn_L2sqr_by_idx``).
+    # images (thin delegation to patchsearch.query) ------------------------------------
+    def query(self, images, **kwargs) -> SearchResult:
+        """Embed and search images: see :func:`patchsearch.query.query`."""
+        from .query import query
 
-    Args:
-        queries: float32 (n, d).
-        bank: float32 (M, d) C-contiguous memory bank (a memory map is fine).
-        candidates: int64 (n, c) bank rows per query, -1 only at the end of a row.
-        k: neighbours to keep, k <= c.
+        return query(self, images, **kwargs)
 
-    Returns:
-        (exact squared L2 float32 (n, k), bank rows int64 (n, k)), ascending; -1 rows
-        (and float max distances) where a query has fewer than k candidates.
-    """
-    faiss = _faiss()
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    candidates = np.ascontiguousarray(candidates, dtype=np.int64)
-    bank = np.ascontiguousarray(bank, dtype=np.float32)
-    n, c = candidates.shape
-    dist = np.empty((n, k), np.float32)
-    rows = np.empty((n, k), np.int64)
-    faiss.knn_L2sqr_by_idx(faiss.swig_ptr(queries), faiss.swig_ptr(bank), faiss.swig_ptr(candidates),
-                           queries.shape[1], n, len(bank), c, k, faiss.swig_ptr(dist), faiss.swig_ptr(rows), c)
-    return dist, rows
+    def iter_query(self, images, **kwargs):
+        """One :class:`SearchResult` per batch of images: see :func:`patchsearch.query.iter_query`."""
+        from .query import iter_query
 
-
-def cpu_has_int8_dot() -> bool:
-    """True where the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
-class Int8Flat:
-    """Exact-result k-NN over a bank: an int8 candidate pass, exact fp32 re-ranking, and a check.
-
-    1. Bank and queries are centred on the bank mean and quantized to int8 with one
-       scale per row (s = max|x| / 127). ``||b||^2 - 2 q.b`` is computed from one int8
-       matmul per query chunk (``torch._int_mm``, int32 accumulation, exact; on CPUs with
-       VNNI about 4x the fp32 matmul rate) and the ``candidates`` smallest are kept.
-    2. The candidates are re-ranked with exact fp32 L2 computed on the differences
-       (:func:`rerank`), which is more accurate than the ``||x||^2 - 2 x.y + ||y||^2``
-       expansion that FAISS and torch use.
-    3. Check: rounding to nearest leaves each dot product with an error of standard
-       deviation ``sigma = sqrt((||b||^2 s_q^2 + ||q||^2 s_b^2) / 12)``. If the exact k-th
-       squared distance is below ``||q||^2 +`` the largest candidate value minus
-       ``2 * 7 sigma`` (bank-wide maxima of ||b|| and s_b), no row outside the
-       candidates is closer unless its rounding error exceeds 7 standard deviations;
-       other queries are searched again exactly with ``faiss.IndexFlatL2``.
-
-    Args:
-        bank: float32 (M, d) memory bank.
-        fallback: a searcher with ``search(queries, k)`` giving exact results.
-        candidates: candidate count per query (>= k + 1).
-        chunk: queries per int8 matmul (bounds the (chunk, M) score matrix).
-    """
-
-    SIGMAS = 7.0
-
-    def __init__(self, bank: np.ndarray, fallback, candidates: int = 32, chunk: int = 1024):
-        import torch
-
-        self.bank = bank
-        self.fallback = fallback
-        self.candidates = candidates
-        self.chunk = chunk
-        m, d = bank.shape
-        self.mean = torch.from_numpy(np.asarray(bank, dtype=np.float64).mean(0).astype(np.float32))
-        self.norms = torch.empty(m)
-        self.scale = torch.empty(m)
-        codes = torch.empty((m, d), dtype=torch.int8)
-        for s in range(0, m, 65536):  # chunked: no float copy of the whole bank
-            b = torch.from_numpy(np.array(bank[s:s + 65536], dtype=np.float32)) - self.mean
-            self.norms[s:s + len(b)] = (b * b).sum(1)
-            self.scale[s:s + len(b)] = b.abs().amax(1).clamp_min(1e-30) / 127
-            codes[s:s + len(b)] = torch.round(b / self.scale[s:s + len(b), None]).to(torch.int8)
-        self.codes_t = codes.T.contiguous()  # (d, M)
-        del codes
-        self.max_norm_sq = float(self.norms.max())
-        self.max_scale = float(self.scale.max())
-        self.fallbacks = 0  # queries that failed the check (for benchmarks)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Same contract as :meth:`ShardedSearcher.search`; distances are exact squared L2."""
-        import torch
-
-        n = len(queries)
-        c = min(max(self.candidates, k + 1), len(self.bank))
-        dist = np.empty((n, k), np.float32)
-        rows = np.empty((n, k), np.int64)
-        q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-        with torch.no_grad():
-            for s in range(0, n, self.chunk):
-                q = q_all[s:s + self.chunk] - self.mean
-                sq = q.abs().amax(1).clamp_min(1e-30) / 127
-                codes = torch.round(q / sq[:, None]).to(torch.int8)
-                approx = torch._int_mm(codes, self.codes_t).float()
-                approx.mul_((-2 * sq)[:, None]).mul_(self.scale[None, :]).add_(self.norms)
-                cand_d, cand = approx.topk(c, dim=1, largest=False, sorted=False)
-                del approx
-                d2, r = rerank(queries[s:s + self.chunk], self.bank, cand.numpy(), k)
-                if c < len(self.bank):
-                    qn = (q * q).sum(1)
-                    sigma = ((self.max_norm_sq * sq * sq + qn * self.max_scale ** 2) / 12).sqrt()
-                    bound = (cand_d.max(1).values + qn - 2 * self.SIGMAS * sigma).numpy()
-                    bad = np.nonzero(d2[:, -1] > bound)[0]
-                    if bad.size:
-                        self.fallbacks += int(bad.size)
-                        d2[bad], r[bad] = self.fallback.search(queries[s:s + self.chunk][bad], k)
-                dist[s:s + len(q)], rows[s:s + len(q)] = d2, r
-        return dist, rows
-
-
-class KnnSearcher:
-    """Exact search straight over a bank array (``faiss.knn``, FAISS's blocked brute force),
-    without copying it into an index; same contract as :meth:`ShardedSearcher.search`."""
-
-    def __init__(self, bank: np.ndarray):
-        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return _faiss().knn(np.ascontiguousarray(queries, dtype=np.float32), self.bank, k)
-
-
-def write_shards(shards: list, directory: str | os.PathLike) -> list[str]:
-    """Write each shard as ``shard_NNN.faiss`` (``faiss.write_index``); returns the file names."""
-    faiss = _faiss()
-    names = []
-    for i, shard in enumerate(shards):
-        name = f"shard_{i:03d}.faiss"
-        faiss.write_index(shard, str(Path(directory) / name))
-        names.append(name)
-    return names
-
-
-def read_shard(path: str | os.PathLike, dim: int, rows: int):
-    """Read one shard file and check its dimension and row count.
-
-    Raises:
-        IndexFormatError: missing, unreadable or inconsistent file.
-    """
-    faiss = _faiss()
-    path = Path(path)
-    if not path.is_file():
-        raise IndexFormatError(f"{path}: index shard file missing")
-    try:
-        index = faiss.read_index(str(path))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise IndexFormatError(f"{path}: corrupted FAISS index file ({first})") from None
-    if index.d != dim or index.ntotal != rows:
-        raise IndexFormatError(f"{path}: holds {index.ntotal} vectors of dimension {index.d}, "
-                               f"the manifest says {rows} of dimension {dim}")
-    return index
+        return iter_query(self, images, **kwargs)

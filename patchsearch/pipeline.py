@@ -2,9 +2,12 @@
 
 Data flows one way::
 
-    data.train_images -> features.PatchEmbedder -> store.PatchStoreWriter   (every raw patch)
-    store.PatchStore  -> coreset.kcenter_greedy  -> search.PatchIndex        (memory bank, FAISS)
-    data.test_samples -> PatchIndex.iter_query   -> metrics.auroc            (evaluation)
+    data.train_images -> features.PatchEmbedder -> store.PatchStoreWriter    (every raw patch)
+    store.PatchStore  -> coreset.kcenter_greedy  -> index.PatchIndex          (memory bank, FAISS)
+    data.test_samples -> query.iter_query        -> metrics                   (evaluation)
+
+Every build writes a new version of the index directory (:mod:`patchsearch.versions`);
+a failure or a crash leaves the current version answering.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .coreset import PROJECTION_DIM, kcenter_greedy
-from .data import Geometry, iter_batches, test_samples
+from .coreset import PROJECTION_DIM, check_ratio, kcenter_greedy
 from .errors import InputError
-from .features import DEFAULT_BACKBONE, PatchEmbedder
-from .manifest import atomic_directory, failpoint
-from .metrics import auroc
-from .search import PatchIndex
-from .store import STORE_FILE, PatchStore, PatchStoreWriter, StoreArray
+from .format import read_manifest
+from .index import PatchIndex
+from .searchers import check_index_type
+from .store import ImageRecord, PatchStore, PatchStoreWriter, StoreArray
+from .versions import new_version, open_version, tidy
+
+Log = Callable[[str], None]
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -36,23 +40,24 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 
 def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: str | None = None,
-          backbone: str = DEFAULT_BACKBONE, layers: Sequence[str] | None = None, weights: str | None = None,
-          embed_dim: int | None = None, geometry: Geometry = Geometry(), coreset_ratio: float = 0.1,
-          seed: int = 0, shards: int = 1, index: str = "flat", index_params: dict | None = None,
-          batch_size: int = 16, workers: int = 0, progress: bool = False,
-          log: Callable[[str], None] = lambda msg: None) -> PatchIndex:
-    """Build a PatchCore memory bank index from defect-free images.
+          data_root: str | os.PathLike | None = None, backbone: str | None = None,
+          layers: Sequence[str] | None = None, weights: str | None = None, embed_dim: int | None = None,
+          geometry=None, coreset_ratio: float = 0.1, seed: int = 0, shards: int = 1, index: str = "flat",
+          index_params: dict | None = None, batch_size: int = 16, workers: int = 0, progress: bool = False,
+          log: Log = lambda msg: None) -> PatchIndex:
+    """Build a PatchCore memory-bank index from defect-free images.
 
-    Writes ``out_dir`` atomically: the Arrow patch store of every raw patch embedding,
-    the coreset memory bank with its support sets, its FAISS shards and the manifest
-    (with per-stage times in seconds under ``timings``). A failure leaves an existing
-    ``out_dir`` untouched.
+    Writes a new version of ``out_dir``: the Arrow patch store of every raw patch
+    embedding, the coreset memory bank with its support sets, its FAISS shards and the
+    manifest (per-stage seconds under ``timings``). A failure leaves the current
+    version untouched.
 
     Args:
         image_paths: training (defect-free) images.
-        out_dir: index directory to create or replace.
+        out_dir: the index directory (``<index-dir>/<category>``).
+        data_root: image paths are recorded relative to it (default: their common folder).
         backbone, layers, weights, embed_dim: see :class:`~patchsearch.features.PatchEmbedder`.
-        geometry: resize / crop preprocessing.
+        geometry: a :class:`~patchsearch.data.Geometry` (default resize 256, crop 224).
         coreset_ratio, seed: see :func:`~patchsearch.coreset.kcenter_greedy`.
         shards, index, index_params: see :meth:`PatchIndex.from_embeddings`
             (index_params: nlist, pq_m, pq_bits, nprobe, rerank).
@@ -60,123 +65,132 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
         workers: image-decoding worker processes (0 = in the main process).
 
     Returns:
-        The built :class:`PatchIndex` (loaded from ``out_dir``).
+        The built :class:`PatchIndex` (``path`` = ``out_dir``).
 
     Raises:
         InputError: no image, an unreadable training image, bad options.
         WeightsUnavailableError: backbone weights cannot be loaded.
     """
+    from .data import Geometry, iter_batches
+    from .features import DEFAULT_BACKBONE, PatchEmbedder
+
     image_paths = [Path(p) for p in image_paths]
     if not image_paths:
         raise InputError("no training image given")
-    _check_options(coreset_ratio, shards, index)
+    check_ratio(coreset_ratio)
+    check_index_type(index)
+    geometry = geometry or Geometry()
+    root = Path(data_root) if data_root is not None else Path(os.path.commonpath([p.parent for p in image_paths]))
     timings = {}
     t0 = time.perf_counter()
-    embedder = PatchEmbedder(backbone, layers, weights, embed_dim)
+    embedder = PatchEmbedder(backbone or DEFAULT_BACKBONE, layers, weights, embed_dim)
     timings["load_backbone"] = time.perf_counter() - t0
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with new_version(out_dir) as tmp:
         t0 = time.perf_counter()
         grid = None
-        with PatchStoreWriter(tmp / STORE_FILE, embedder.dim) as writer:
+        with PatchStoreWriter(tmp, embedder.dim) as writer:
             nbatches = (len(image_paths) + batch_size - 1) // batch_size
             for batch, good, errors in _progress(iter_batches(image_paths, geometry, batch_size, workers),
                                                  nbatches, "embed", progress):
                 if errors:
                     raise InputError(f"training image {next(iter(errors.values()))}")
                 emb = embedder(batch).numpy()
-                grid = list(emb.shape[1:3])
-                writer.write([str(image_paths[i].resolve()) for i in good], emb)
-                failpoint("extract")
+                grid = [int(emb.shape[1]), int(emb.shape[2])]
+                writer.write([ImageRecord.from_file(image_paths[i], root) for i in good], emb)
         timings["extract"] = time.perf_counter() - t0
         log(f"embedded {writer.num_images} images -> {writer.num_patches} patches of dim {embedder.dim} "
             f"in {timings['extract']:.1f} s")
         meta = {"category": category, "backbone": embedder.describe(),
                 "geometry": {"resize": geometry.resize, "crop": geometry.crop}, "grid": grid}
-        _index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params, progress, log)
+        built = index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params,
+                                 progress, log)
+        built.write(tmp)
+    built.path = Path(out_dir)
     log(f"index written to {out_dir}")
-    return PatchIndex.load(out_dir)
+    return built
 
 
 def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None, seed: int | None = None,
             shards: int | None = None, index: str | None = None, index_params: dict | None = None,
-            progress: bool = False, log: Callable[[str], None] = lambda msg: None) -> PatchIndex:
+            progress: bool = False, log: Log = lambda msg: None) -> PatchIndex:
     """Rebuild an index from its Arrow patch store, without images or backbone.
 
     Options left None keep the values recorded in the manifest. With the same
     parameters and seed the memory bank (and, for flat, every search result) equals the
-    original build's. The store file is hard-linked (copied where links fail) into the
-    new directory, which replaces ``index_dir`` atomically.
+    original build's. The store files are hard-linked (copied where links fail) into
+    the new version.
 
     Raises:
         IndexFormatError: no index, or its patch store is missing or corrupted.
         InputError: bad options.
     """
-    from .manifest import read_manifest
-
     index_dir = Path(index_dir)
-    old = read_manifest(index_dir)
-    store_path = index_dir / old.get("store", {}).get("file", STORE_FILE)
-    PatchStore(store_path)  # fail early, before anything is written, if the store is unusable
-    coreset_ratio = old["coreset"]["ratio"] if coreset_ratio is None else coreset_ratio
-    seed = old["coreset"]["seed"] if seed is None else seed
-    shards = len(old["index"]["shards"]) if shards is None else shards
-    index = old["index"]["type"] if index is None else index
-    _check_options(coreset_ratio, shards, index)
-    meta = {key: old.get(key) for key in ("category", "backbone", "geometry", "grid")}
-    timings = {}
-    with atomic_directory(index_dir) as tmp:
-        try:
-            os.link(store_path, tmp / STORE_FILE)
-        except OSError:
-            shutil.copyfile(store_path, tmp / STORE_FILE)
-        _index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params, progress, log)
+    with open_version(index_dir) as lease:
+        old = read_manifest(lease.path, index_dir)
+        store_files = (old.store or {}).get("files") or []
+        PatchStore(lease.path, partitions=(old.store or {}).get("partitions"))  # fail early, before anything is written, if unusable
+        coreset_ratio = check_ratio(old.coreset["ratio"] if coreset_ratio is None else coreset_ratio)
+        seed = old.coreset["seed"] if seed is None else seed
+        shards = len(old.index["shards"]) if shards is None else shards
+        index = check_index_type(old.index_type if index is None else index)
+        meta = {"category": old.category, "backbone": old.backbone, "geometry": old.geometry, "grid": old.grid,
+                "store": old.store}
+        timings = {}
+        with new_version(index_dir) as tmp:
+            for name in store_files:
+                try:
+                    os.link(lease.path / name, tmp / name)
+                except OSError:
+                    shutil.copyfile(lease.path / name, tmp / name)
+            built = index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params,
+                                     progress, log)
+            built.write(tmp)
+    tidy(index_dir)  # the version this rebuild read from is no longer leased by it
+    built.path = index_dir
     log(f"index rebuilt in {index_dir}")
-    return PatchIndex.load(index_dir)
+    return built
 
 
-def _check_options(coreset_ratio: float, shards: int, index: str) -> None:
-    if not 0.0 < coreset_ratio <= 1.0:
-        raise InputError(f"--coreset-ratio must be in (0, 1], got {coreset_ratio}")
-    if shards < 1:
-        raise InputError(f"--shards must be at least 1, got {shards}")
-    if index not in ("flat", "ivfpq"):
-        raise InputError(f"--index must be flat or ivfpq, got {index!r}")
+def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: float, seed: int, shards: int,
+                     index: str, index_params: dict | None, progress: bool, log: Log) -> PatchIndex:
+    """Coreset, memory bank, support sets and FAISS shards from the patch store in ``directory``.
 
+    Args:
+        meta: manifest fields to carry (category, backbone, geometry, grid, store).
+        timings: filled with seconds per stage (coreset, index).
 
-def _index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: float, seed: int, shards: int,
-                      index: str, index_params: dict | None, progress: bool, log) -> None:
-    """Coreset, memory bank, support sets and FAISS shards from ``directory``'s patch store."""
-    store = PatchStore(directory / STORE_FILE)
-    failpoint("coreset")
+    Returns:
+        the :class:`PatchIndex` (not yet written: call ``write(directory)``).
+    """
+    store = PatchStore(directory, partitions=(meta.get("store") or {}).get("partitions"))
     t0 = time.perf_counter()
     selected = kcenter_greedy(StoreArray(store), coreset_ratio, seed=seed, progress=progress)
     timings["coreset"] = time.perf_counter() - t0
     log(f"coreset: {len(selected)} of {store.num_patches} patches in {timings['coreset']:.1f} s")
 
     t0 = time.perf_counter()
-    bank = store.embeddings(selected)
-    loc = store.locations(selected)
-    images = store.image_paths()
-    sources = {"store_row": selected, "image": [images[i] for i in loc["image_id"]],
-               "row": loc["row"], "col": loc["col"]}
+    sources = {"store_row": selected, **store.locations(selected)}
     meta = {**meta,
             "coreset": {"ratio": coreset_ratio, "seed": seed, "projection_dim": PROJECTION_DIM,
                         "method": "greedy k-center"},
-            "store": {"file": STORE_FILE, "num_patches": store.num_patches, "num_images": len(images)},
-            "counts": {"train_images": len(images), "patches": store.num_patches, "memory_bank": len(selected)}}
+            "store": {**(meta.get("store") or {}), "files": list(store.files), "num_patches": store.num_patches,
+                      "num_images": store.num_images},
+            "timings": timings}
     recall_queries = None
     if index == "ivfpq":  # held-aside patches: store rows not in the memory bank
         rest = np.setdiff1d(np.arange(store.num_patches), selected)
         if len(rest):
             pick = np.sort(np.random.default_rng(seed).choice(rest, min(1000, len(rest)), replace=False))
             recall_queries = store.embeddings(pick)
-    built = PatchIndex.from_embeddings(bank, shards, index, **(index_params or {}), recall_queries=recall_queries,
-                                       seed=seed, meta=meta, sources=sources, gpu=False)
+    built = PatchIndex.from_embeddings(store.embeddings(selected), shards, index, **(index_params or {}),
+                                       recall_queries=recall_queries, seed=seed, sources=sources,
+                                       images=store.image_paths(), manifest=meta, gpu=False)
     timings["index"] = time.perf_counter() - t0
+    for key, value in timings.items():
+        timings[key] = round(value, 3)
     if index == "ivfpq":
         log(f"IVF-PQ {built.params}")
-    built.write(directory, {"timings": {k: round(v, 3) for k, v in timings.items()}})
+    return built
 
 
 def evaluate(index: PatchIndex, data_root: str | os.PathLike, category: str, batch_size: int = 16,
@@ -185,15 +199,19 @@ def evaluate(index: PatchIndex, data_root: str | os.PathLike, category: str, bat
 
     Returns:
         {"image_auroc", "pixel_auroc", "per_defect_image_auroc": {defect: AUROC of good vs it},
-         "counts": {"images", "good", "anomalous", "pixels"}, "seconds", "seconds_per_image"}.
-        Pixel AUROC is over every crop pixel of every test image, masks mapped by the
-        index's geometry (resize, centre crop, > 0).
+         "counts": {"images", "good", "anomalous", "pixels", "anomalous_pixels"}, "seconds",
+         "seconds_per_image"}. Pixel AUROC is over every crop pixel of every test image,
+        masks mapped by the index's geometry (resize, centre crop, > 0).
 
     Raises:
         InputError: missing data, unreadable test image or mask.
     """
+    from .data import test_samples
+    from .metrics import auroc
+    from .query import geometry_of
+
     samples = test_samples(data_root, category)
-    geometry = index.geometry
+    geometry = geometry_of(index)
     t0 = time.perf_counter()
     scores, maps = [], []
     nbatches = (len(samples) + batch_size - 1) // batch_size

@@ -6,8 +6,6 @@ All distances here are L2 (not squared).
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 SIGMA = 4.0
 
@@ -56,6 +54,8 @@ def anomaly_maps(patch_scores: np.ndarray, size: tuple[int, int], sigma: float =
     Returns:
         float32 (N, H, W).
     """
+    import torch
+    import torch.nn.functional as F
     from torchvision.transforms.functional import gaussian_blur
 
     t = torch.as_tensor(np.asarray(patch_scores, dtype=np.float32))[:, None]

@@ -38,8 +38,8 @@ def main():
         t = time.perf_counter()
         index = build(train, Path(tmp) / "bottle", category="bottle", index=args.index)
         total = time.perf_counter() - t
-        tm = index.meta["timings"]
-        print(f"\nbuild, {len(train)} training images ({index.meta['counts']['patches']:,} patches -> "
+        tm = index.manifest.timings
+        print(f"\nbuild, {len(train)} training images ({index.manifest.store['num_patches']:,} patches -> "
               f"memory bank {index.size:,} x {index.dim}, {args.index})\n")
         print("| stage | seconds | per image (ms) |")
         print("|---|---|---|")

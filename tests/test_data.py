@@ -98,6 +98,9 @@ def test_geometry_resize_crop_and_mask():
     img[40:56, 56:72] = 255  # a centred bright square
     t = g.image_tensor(Image.fromarray(img))
     assert t.shape == (3, 48, 48) and t.dtype == torch.float32
+    bright = (t[0] > t[0].mean() + 2 * t[0].std()).nonzero().float()  # the square, after resize and crop
+    assert bright.mean(0).tolist() == pytest.approx([23.5, 23.5], abs=1.0)  # still centred
+    assert 9 ** 2 <= len(bright) <= 12 ** 2  # 16 px scaled by 64/96: about 10.7 px a side
     left, top, right, bottom = g.crop_box(128, 96)
     assert (right - left) == pytest.approx(48 * 96 / 64, abs=1) and (bottom - top) == pytest.approx(72, abs=1)
     assert (left + right) / 2 == pytest.approx(64, abs=1) and (top + bottom) / 2 == pytest.approx(48, abs=1)

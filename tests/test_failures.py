@@ -17,10 +17,8 @@ from PIL import Image
 
 from patchsearch import PatchIndex
 from patchsearch.cli import main
-from patchsearch.errors import IndexFormatError
 
 SMALL = ["--resize", "64", "--crop", "64", "--batch-size", "4"]
-EXE = [sys.executable, "-m", "patchsearch.cli"]
 
 
 def cli(*args):
@@ -111,17 +109,22 @@ def _copy_index(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _files(index_dir: Path) -> Path:
+    """The current version directory of an index directory."""
+    return index_dir / (index_dir / "CURRENT").read_text().strip()
+
+
 def test_damaged_files_are_named_with_rebuild_hint(built, tmp_path):
     _, idx = built
     base = tmp_path / "indexes"
     cases = {
         "shard_000.faiss": lambda b: b[:-50],
         "memory_bank.arrow": lambda b: b[: len(b) // 2],
-        "manifest.json": lambda b: b.replace(b'"format_version": 1', b'"format_version": 7'),
+        "manifest.json": lambda b: b.replace(b'"format_version": 2', b'"format_version": 7'),
     }
     for name, damage in cases.items():
         d = _copy_index(idx / "widget", base / name / "widget")
-        (d / name).write_bytes(damage((d / name).read_bytes()))
+        (_files(d) / name).write_bytes(damage((_files(d) / name).read_bytes()))
         r = cli("query", built[0] / "widget/test/good/000.png", "--category", "widget", "--index-dir", d.parent)
         assert r.exit_code == 1 and "Traceback" not in r.output
         if name == "manifest.json":
@@ -131,11 +134,11 @@ def test_damaged_files_are_named_with_rebuild_hint(built, tmp_path):
             assert "patchsearch rebuild --category widget" in r.stderr
     # a corrupted patch store: rebuild says so, and the index stays as it was
     d = _copy_index(idx / "widget", base / "store" / "widget")
-    store = d / "patches.arrow"
+    store = _files(d) / "patches-00000.arrow"
     store.write_bytes(store.read_bytes()[:1000])
     before = sorted(p.name for p in d.iterdir())
     r = cli("rebuild", "--category", "widget", "--index-dir", d.parent)
-    assert r.exit_code == 1 and "patches.arrow" in r.stderr and "corrupted" in r.stderr
+    assert r.exit_code == 1 and "patches-00000.arrow" in r.stderr and "corrupted" in r.stderr
     assert sorted(p.name for p in d.iterdir()) == before
 
 
@@ -144,7 +147,7 @@ def test_verify(built, tmp_path):
     r = cli("verify", "--category", "widget", "--index-dir", idx)
     assert r.exit_code == 0 and "intact" in r.stdout
     d = _copy_index(idx / "widget", tmp_path / "widget")
-    bank = d / "memory_bank.arrow"
+    bank = _files(d) / "memory_bank.arrow"
     data = bytearray(bank.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
     bank.write_bytes(bytes(data))
@@ -161,31 +164,62 @@ def _search_answer(path: Path) -> tuple:
     return index.size, res.locations.tolist(), res.image_scores.tolist()
 
 
+KILLABLE = r"""
+import sys, time
+from pathlib import Path
+import patchsearch.index, patchsearch.pipeline, patchsearch.store
+from patchsearch.cli import main
+
+marker, stage = Path(sys.argv[1]), sys.argv[2]
+
+
+def stall(*args, **kwargs):  # tell the test where we are, then wait for SIGKILL
+    marker.write_text(stage)
+    while True:
+        time.sleep(1)
+
+
+def then_stall(fn):
+    def wrapped(*args, **kwargs):
+        fn(*args, **kwargs)
+        stall()
+    return wrapped
+
+
+if stage == "extract":
+    patchsearch.store.PatchStoreWriter.write = then_stall(patchsearch.store.PatchStoreWriter.write)
+elif stage == "coreset":
+    patchsearch.pipeline.kcenter_greedy = stall
+elif stage == "index-write":
+    patchsearch.index.write_bank = then_stall(patchsearch.index.write_bank)
+main(sys.argv[3:])
+"""
+
+
 @pytest.mark.parametrize("stage", ["extract", "coreset", "index-write"])
 def test_sigkill_during_build_keeps_previous_index(built, tmp_path, stage):
     root, idx = built
     work = _copy_index(idx / "widget", tmp_path / "idx" / "widget").parent
     before = _search_answer(work / "widget")
     marker = tmp_path / "reached"
-    env = {**os.environ, "PATCHSEARCH_FAILPOINT": stage, "PATCHSEARCH_FAILPOINT_FILE": str(marker)}
-    proc = subprocess.Popen([*EXE, "build", "--category", "widget", "--data-root", str(root), "--index-dir",
-                             str(work), "--coreset-ratio", "0.5", *SMALL], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(marker), stage, "build", "--category", "widget",
+                             "--data-root", str(root), "--index-dir", str(work), "--coreset-ratio", "0.5", *SMALL],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "build never reached the failpoint"
+        assert time.time() < deadline, "build never reached the kill point"
         time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    debris = [p.name for p in work.iterdir() if p.name != "widget"]
-    assert debris and all(n.startswith(".widget.tmp-") for n in debris)  # killed mid-write
-    assert _search_answer(work / "widget") == before  # the old index, untouched
-    # the next build cleans the dead writer's temporary directory
+    debris = sorted(p.name for p in (work / "widget").glob(".tmp-*"))
+    assert len(debris) == 2 and debris[1] == debris[0] + ".lock"  # killed mid-write
+    assert _search_answer(work / "widget") == before  # the old version, untouched
+    # the next build removes the dead writer's temporary directory and the old version
     r = cli("build", "--category", "widget", "--data-root", root, "--index-dir", work, "--coreset-ratio", "0.5",
             *SMALL)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in work.iterdir()) == ["widget"]
+    assert sorted(p.name for p in (work / "widget").iterdir() if p.name != "leases") == ["CURRENT", "LOCK", "v000002"]
     assert _search_answer(work / "widget")[0] == int(6 * 64 * 0.5)
 
 
@@ -195,8 +229,8 @@ def test_deterministic_builds(built, tmp_path):
     r = cli("build", "--category", "widget", "--data-root", root, "--index-dir", other, "--coreset-ratio", "0.25",
             *SMALL)
     assert r.exit_code == 0, r.output
-    for name in ("memory_bank.arrow", "shard_000.faiss", "patches.arrow"):
-        assert (other / "widget" / name).read_bytes() == (idx / "widget" / name).read_bytes(), name
+    for name in ("memory_bank.arrow", "shard_000.faiss", "patches-00000.arrow", "images-00000.arrow"):
+        assert (_files(other / "widget") / name).read_bytes() == (_files(idx / "widget") / name).read_bytes(), name
     a = PatchIndex.load(idx / "widget").query([root / "widget/test/blob/000.png"])
     b = PatchIndex.load(other / "widget").query([root / "widget/test/blob/000.png"])
     np.testing.assert_array_equal(a.image_scores, b.image_scores)
@@ -204,56 +238,90 @@ def test_deterministic_builds(built, tmp_path):
 
 
 READER = r"""
-import sys, json, numpy as np
+import sys, time
+from pathlib import Path
+import numpy as np
 from patchsearch import PatchIndex
-path, n = sys.argv[1], int(sys.argv[2])
-sizes = set()
-for i in range(n):
+path, me, done = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+seen = []
+while True:
+    finished = done.exists()
     index = PatchIndex.load(path)
-    assert index.size == index.meta["memory_bank"]["size"] == index.shards[0].ntotal
-    q = index.bank[:20][None] + np.float32(0.01)
-    res = index.search(q)
+    assert index.size == index.manifest.memory_bank["size"] == sum(s.ntotal for s in index.shards)
+    res = index.search(index.bank[:20][None] + np.float32(0.01))
     assert (res.locations[0, :, 0] == np.arange(20)).all(), "answers from a mixed index"
     assert np.isfinite(res.image_scores).all()
-    sizes.add(index.size)
-print(json.dumps(sorted(sizes)))
+    if not seen or seen[-1] != index.version:
+        seen.append(index.version)
+        (path.parent / f"{me}.seen").write_text(" ".join(seen))  # the writer waits for this
+    index.close()
+    if finished:
+        break
+"""
+
+WRITER = r"""
+import sys, time
+from pathlib import Path
+from patchsearch.pipeline import rebuild
+from patchsearch.versions import current_version
+path, readers, done = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+
+def all_saw(version):
+    files = [path.parent / f"r{i}.seen" for i in range(readers)]
+    return all(f.exists() and version in f.read_text().split() for f in files)
+
+for i in range(6):
+    while not all_saw(current_version(path)):  # every reader has loaded the current version
+        time.sleep(0.02)
+    rebuild(path, coreset_ratio=(0.2, 0.6)[i % 2])
+while not all_saw(current_version(path)):
+    time.sleep(0.02)
+done.write_text("done")
 """
 
 
 def test_queries_during_rebuild_never_fail(built, tmp_path):
     _, idx = built
     work = _copy_index(idx / "widget", tmp_path / "idx" / "widget").parent
-    writer = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys\nfrom patchsearch.pipeline import rebuild\n"
-         "for i in range(8): rebuild(sys.argv[1], coreset_ratio=(0.2, 0.6)[i % 2])", str(work / "widget")],
-        stderr=subprocess.PIPE)
-    readers = [subprocess.Popen([sys.executable, "-c", READER, str(work / "widget"), "40"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
-    outs = [r.communicate(timeout=300) for r in readers]
-    assert writer.wait(timeout=300) == 0, writer.stderr.read().decode()
-    seen = set()
-    for r, (out, err) in zip(readers, outs):
-        assert r.returncode == 0, err.decode()
-        seen.update(json.loads(out))
-    assert len(seen) >= 2  # the readers did see the index change under them
-    assert sorted(p.name for p in work.iterdir()) == ["widget"]
+    done = tmp_path / "done"
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(work / "widget"), f"r{i}", str(done)],
+                                stderr=subprocess.PIPE) for i in range(3)]
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(work / "widget"), "3", str(done)],
+                              stderr=subprocess.PIPE)
+    try:
+        assert writer.wait(timeout=300) == 0, writer.stderr.read().decode()
+        for r in readers:
+            assert r.wait(timeout=60) == 0, r.stderr.read().decode()
+    finally:
+        for p in [writer, *readers]:
+            p.kill()
+    for i in range(3):  # every reader loaded each of the 7 versions while rebuilds ran
+        assert (work / f"r{i}.seen").read_text().split() == [f"v{n:06d}" for n in range(1, 8)]
+    from patchsearch.versions import tidy
+
+    tidy(work / "widget")  # the readers have exited: what they held goes with the next writer
+    assert sorted(p.name for p in (work / "widget").iterdir() if p.name != "leases") == ["CURRENT", "LOCK", "v000007"]
 
 
-def test_query_memory_stays_flat(built, tmp_path):
-    """RSS after 100 and after 600 streamed images differ by a small constant."""
+def test_query_streams_in_bounded_batches(built, monkeypatch):
+    """iter_query decodes one batch ahead at most and keeps no reference to earlier batches."""
+    import gc
+    import weakref
+
+    import patchsearch.data
+
     root, idx = built
     index = PatchIndex.load(idx / "widget")
-    paths = [root / "widget/test/blob/000.png"] * 600
-
-    def rss_mb():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-    rss = {}
-    done = 0
-    for part in index.iter_query(paths, batch_size=20):
-        done += len(part.image_scores)
-        if done in (100, 600):
-            rss[done] = rss_mb()
-    assert rss[600] - rss[100] < 25, rss
+    decoded = []
+    real = patchsearch.data.load_image
+    monkeypatch.setattr(patchsearch.data, "load_image", lambda p: decoded.append(p) or real(p))
+    stream = index.iter_query([root / "widget/test/blob/000.png"] * 600, batch_size=20)
+    first = next(stream)
+    assert len(first.image_scores) == 20 and len(decoded) == 20  # nothing decoded beyond the first batch
+    ref = weakref.ref(first.anomaly_maps)
+    del first
+    for n, part in enumerate(stream, start=2):
+        if n == 3:
+            gc.collect()
+            assert ref() is None  # the first batch's maps were freed while streaming
+    assert n == 30 and len(decoded) == 600

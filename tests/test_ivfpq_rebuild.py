@@ -9,7 +9,9 @@ from click.testing import CliRunner
 from patchsearch import PatchIndex
 from patchsearch.cli import main
 from patchsearch.errors import InputError
-from patchsearch.index import GPU_PQ_DSUB, GPU_PQ_M, Int8Flat, ShardedSearcher, auto_ivfpq_params, build_shards
+from patchsearch.int8 import Int8Searcher
+from patchsearch.ivf import IVFPQSearcher, auto_params, build_shards, gpu_layout_ok, recall_at_k
+from patchsearch.searchers import ShardedSearcher, build_flat_shards
 
 
 def _clustered(m=6000, d=32, seed=0):
@@ -19,20 +21,24 @@ def _clustered(m=6000, d=32, seed=0):
 
 
 def test_auto_params():
-    p = auto_ivfpq_params(1_600_000, 1536)
-    assert p["pq_m"] == 96 and 1536 % p["pq_m"] == 0 and p["pq_m"] in GPU_PQ_M and 16 in GPU_PQ_DSUB
-    assert p["nlist"] == 4096 and p["pq_bits"] == 8 and 1 <= p["nprobe"] <= p["nlist"]
-    assert p["gpu_compatible"]
-    p = auto_ivfpq_params(16385, 152)  # 152 = 8 x 19: no GPU layout, 38 sub-quantizers of 4 dims
-    assert p["pq_m"] == 38 and not p["gpu_compatible"] and p["nlist"] == 16385 // 39  # >= 39 points a list
-    p = auto_ivfpq_params(100_000, 128)
-    assert p["pq_m"] == 32 and p["gpu_compatible"]
-    assert auto_ivfpq_params(100, 152)["pq_bits"] == 6  # fewer rows than 2**8 centroids
-    assert auto_ivfpq_params(1000, 64, nlist=7, pq_m=16)["nlist"] == 7
+    assert auto_params(1_600_000, 1536) == {"nlist": 4096, "pq_m": 96, "pq_bits": 8, "nprobe": 256, "rerank": 8}
+    # 152 = 8 x 19: no GPU layout; 38 sub-quantizers of 4 dims; nlist capped at 39 points a list
+    assert auto_params(16385, 152) == {"nlist": 420, "pq_m": 38, "pq_bits": 8, "nprobe": 26, "rerank": 8}
+    assert auto_params(100_000, 128)["pq_m"] == 32  # 4 dims each, a GPU layout
+    assert auto_params(100, 152)["pq_bits"] == 6  # fewer rows than 2**8 centroids
+    assert auto_params(1000, 64, nlist=7, pq_m=16)["nlist"] == 7
     with pytest.raises(InputError, match="must divide"):
-        auto_ivfpq_params(1000, 152, pq_m=12)
+        auto_params(1000, 152, pq_m=12)
     with pytest.raises(InputError, match="nprobe 99"):
-        auto_ivfpq_params(1000, 64, nlist=8, nprobe=99)
+        auto_params(1000, 64, nlist=8, nprobe=99)
+
+
+def test_gpu_layout_check():
+    bank = _clustered(3000, 152)
+    odd = build_shards(bank, 1, auto_params(3000, 152, nlist=8))[0]  # 38 x 4 dims: not a FAISS GPU layout
+    assert not gpu_layout_ok(odd)
+    even = build_shards(_clustered(3000, 128), 1, auto_params(3000, 128, nlist=8))[0]  # 32 x 4
+    assert gpu_layout_ok(even)
 
 
 def test_ivfpq_recall_and_exact_reranked_distances():
@@ -55,8 +61,15 @@ def test_nprobe_tuning_and_override():
     low = PatchIndex.from_embeddings(bank, index="ivfpq", nlist=64, nprobe=1, rerank=0, support_sets=False)
     tuned = PatchIndex.from_embeddings(bank, index="ivfpq", nlist=64, rerank=0, target_recall=0.99,
                                        support_sets=False)
-    assert low.params["nprobe"] == 1 and tuned.params["nprobe"] > 1  # raised from nlist/16 = 4
-    assert tuned.params["recall_at_9"] >= low.params["recall_at_9"]
+    assert low.params["nprobe"] == 1  # given: kept, not tuned
+    nprobe = tuned.params["nprobe"]
+    assert nprobe in (8, 16, 32, 64)  # doubled from nlist / 16 = 4
+    # tuning stops at the first nprobe that reaches the target: half of it does not
+    queries = bank[np.sort(np.random.default_rng(0).choice(len(bank), 1000, replace=False))]
+    assert tuned.params["recall_at_9"] == pytest.approx(recall_at_k(tuned.searcher, bank, queries, True), abs=1e-5)
+    assert tuned.params["recall_at_9"] >= 0.99 or nprobe == 64
+    tuned.set_nprobe(nprobe // 2)
+    assert recall_at_k(tuned.searcher, bank, queries, True) < 0.99
     tuned.set_nprobe(64)
     assert tuned.params["nprobe"] == 64
     with pytest.raises(InputError, match="between 1 and nlist 64"):
@@ -85,8 +98,8 @@ def test_sharded_ivfpq_ids_are_bank_rows(tmp_path):
     three.save(tmp_path / "ivf")
     loaded = PatchIndex.load(tmp_path / "ivf", nprobe=4)
     assert loaded.index_type == "ivfpq" and loaded.params["nprobe"] == 4 and len(loaded.shards) == 3
-    manifest = json.loads((tmp_path / "ivf/manifest.json").read_text())
-    assert manifest["ivfpq"]["recall_at_9"] == three.params["recall_at_9"]
+    manifest = json.loads((tmp_path / "ivf/v000001/manifest.json").read_text())
+    assert manifest["index"]["params"]["recall_at_9"] == three.params["recall_at_9"]
     assert manifest["index"]["bytes_per_vector"] < 32 * 4
 
 
@@ -108,15 +121,18 @@ def test_precomputed_support_sets_equal_two_search_path():
 def test_int8_flat_gives_exact_results():
     bank = _clustered(5000, 64)
     q = _clustered(500, 64, seed=9) + np.float32(0.3)
-    flat = ShardedSearcher(build_shards(bank, 1))
-    fast = Int8Flat(bank, flat, candidates=16, chunk=128)
+    flat = ShardedSearcher(build_flat_shards(bank, 1))
+    fast = Int8Searcher(bank, flat, candidates=16, chunk=128)
     d, r = fast.search(q, 9)
     exact = np.sqrt(((q[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1))
     truth = np.argsort(exact, 1, kind="stable")[:, :9]
     np.testing.assert_array_equal(r, truth)
     np.testing.assert_allclose(np.sqrt(d), np.take_along_axis(exact, truth, 1), rtol=1e-5)
-    assert fast.fallbacks < len(q)  # the check accepts most candidate sets
-    few = Int8Flat(bank, flat, candidates=10)  # too few candidates: the check sends queries to faiss
+    assert 0 < fast.fallbacks < len(q)  # 16 candidates: the check passes some, sends others to faiss
+    default = Int8Searcher(bank, flat)  # 32 candidates: here the check accepts every candidate set
+    np.testing.assert_array_equal(default.search(q, 9)[1], truth)
+    assert default.fallbacks == 0
+    few = Int8Searcher(bank, flat, candidates=10)  # too few candidates: the check sends queries to faiss
     np.testing.assert_array_equal(few.search(q, 9)[1], truth)
     assert few.fallbacks > 0
     index = PatchIndex.from_embeddings(bank, exact="int8")
@@ -138,7 +154,7 @@ def test_rebuild_from_arrow_store(tmp_path, mvtec_root):
     bank_before = np.array(before.bank)
     q = np.random.default_rng(0).standard_normal((3, 64, 152)).astype(np.float32) + bank_before.mean(0)
     res_before = before.search(q)
-    store_before = (idx / "widget/patches.arrow").read_bytes()
+    store_before = (idx / "widget/v000001/patches-00000.arrow").read_bytes()
     del before
 
     out = run("rebuild", "--category", "widget", "--index-dir", idx)
@@ -149,15 +165,17 @@ def test_rebuild_from_arrow_store(tmp_path, mvtec_root):
     np.testing.assert_array_equal(res_after.locations, res_before.locations)
     np.testing.assert_array_equal(res_after.distances, res_before.distances)
     np.testing.assert_array_equal(res_after.image_scores, res_before.image_scores)
-    assert (idx / "widget/patches.arrow").read_bytes() == store_before
-    assert after.meta["backbone"]["name"] == "efficientnet_lite0"  # carried over
+    assert (idx / "widget/v000002/patches-00000.arrow").read_bytes() == store_before
+    assert after.manifest.backbone["name"] == "efficientnet_lite0"  # carried over
     del after
 
     out = run("rebuild", "--category", "widget", "--index-dir", idx, "--index", "ivfpq", "--shards", "2",
               "--coreset-ratio", "0.5")
     assert out["type"] == "ivfpq" and out["shards"] == 2 and out["memory_bank"] == int(6 * 64 * 0.5)
-    assert out["ivfpq"]["recall_queries_kind"] == "held-aside" and 0 < out["ivfpq"]["recall_at_9"] <= 1
+    assert out["ivfpq"]["recall_queries_kind"] == "held-aside" and out["ivfpq"]["recall_queries"] == 6 * 64 - 192  # store rows not in the bank
+    assert out["ivfpq"]["recall_at_9"] >= 0.95 or out["ivfpq"]["nprobe"] == out["ivfpq"]["nlist"]
     r = CliRunner().invoke(main, ["query", str(mvtec_root / "widget/test/blob/000.png"), "--category", "widget",
                                   "--index-dir", str(idx), "--nprobe", "1"])
     assert r.exit_code == 0 and len(json.loads(r.stdout)["distances"]) == 9
-    assert sorted(p.name for p in idx.iterdir()) == ["widget"]  # no temporary debris
+    assert sorted(p.name for p in idx.iterdir()) == ["widget"]
+    assert sorted(p.name for p in (idx / "widget").iterdir()) == ["CURRENT", "LOCK", "leases", "v000003"]

@@ -90,15 +90,16 @@ def test_support_sets_start_with_m_star_even_with_duplicates():
 
 def test_save_load_round_trip(tmp_path):
     bank = _bank(300, 8)
-    index = PatchIndex.from_embeddings(bank, shards=3, meta={"category": "x"})
+    index = PatchIndex.from_embeddings(bank, shards=3, manifest={"category": "x"})
     q = _bank(10 * 5, 8, seed=9).reshape(10, 5, 8)
     before = index.search(q)
     index.save(tmp_path / "idx")
-    manifest = json.loads((tmp_path / "idx/manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["embedding_dim"] == 8
+    manifest = json.loads((tmp_path / "idx/v000001/manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["embedding_dim"] == 8
     assert manifest["memory_bank"]["size"] == 300 and manifest["category"] == "x"
     assert [s["stop"] - s["start"] for s in manifest["index"]["shards"]] == [100, 100, 100]
-    assert manifest["index"]["metric"] == "L2" and manifest["versions"]["faiss"]
+    assert manifest["index"]["metric"] == "L2" and manifest["versions"]["faiss-cpu"]
+    assert set(manifest["files"]) == {"memory_bank.arrow", "shard_000.faiss", "shard_001.faiss", "shard_002.faiss"}
     loaded = PatchIndex.load(tmp_path / "idx")
     np.testing.assert_array_equal(loaded.bank, bank)
     after = loaded.search(q)
@@ -114,16 +115,16 @@ def test_load_errors(tmp_path):
     with pytest.raises(IndexFormatError, match="run 'patchsearch build'"):
         PatchIndex.load(tmp_path / "none")
     PatchIndex.from_embeddings(_bank(20, 4)).save(tmp_path / "idx")
-    man = tmp_path / "idx/manifest.json"
+    man = tmp_path / "idx/v000001/manifest.json"
     body = json.loads(man.read_text())
     man.write_text(json.dumps({**body, "format_version": 99}))
     with pytest.raises(IndexFormatError, match="version 99 is not supported"):
         PatchIndex.load(tmp_path / "idx")
     man.write_text(json.dumps(body))
-    shard = tmp_path / "idx/shard_000.faiss"
+    shard = tmp_path / "idx/v000001/shard_000.faiss"
     data = shard.read_bytes()
     shard.write_bytes(b"\0" * len(data))  # same size, garbage: FAISS cannot read it
-    with pytest.raises(IndexFormatError, match=f"^{tmp_path / 'idx/shard_000.faiss'}: corrupted FAISS index"):
+    with pytest.raises(IndexFormatError, match=f"^{tmp_path / 'idx/v000001/shard_000.faiss'}: corrupted FAISS index"):
         PatchIndex.load(tmp_path / "idx")
     shard.write_bytes(data[:100])  # truncated: caught by the size check
     with pytest.raises(IndexFormatError, match="shard_000.faiss: damaged index file .100 bytes"):

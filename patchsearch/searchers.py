@@ -1,0 +1,189 @@
+"""Searchers: k nearest memory-bank rows of query patch embeddings.
+
+Every searcher follows :class:`Searcher`: ``search(queries, k)`` takes float32 (n, d)
+and returns (squared L2 distances float32 (n, k), memory-bank rows int64 (n, k)),
+nearest first. Callers (:class:`patchsearch.index.PatchIndex`) take the square root.
+
+* :class:`ShardedSearcher`: FAISS shards over contiguous row ranges of the bank,
+  searched as one through ``faiss.IndexShards``; ``faiss.IndexFlatL2`` shards (exact)
+  built by :func:`build_flat_shards`, or IVF-PQ shards (:mod:`patchsearch.ivf`).
+  Where faiss sees GPUs, each shard is copied to one (``faiss.index_cpu_to_gpu``).
+* :class:`KnnSearcher`: exact search straight over a bank array (``faiss.knn``).
+* :class:`patchsearch.ivf.IVFPQSearcher` and :class:`patchsearch.int8.Int8Searcher`
+  wrap a ShardedSearcher with exact re-ranking (:func:`rerank`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import IndexFormatError, InputError
+
+INDEX_TYPES = ("flat", "ivfpq")
+
+
+def faiss():
+    """The faiss module (imported on first use: ``import patchsearch`` stays light)."""
+    import faiss as _faiss
+
+    return _faiss
+
+
+class Searcher(Protocol):
+    """What :class:`~patchsearch.index.PatchIndex` needs from a searcher."""
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(squared L2 float32 (n, k), bank rows int64 (n, k)) of float32 (n, d) queries."""
+
+
+def check_index_type(index_type: str) -> str:
+    """Raises InputError unless ``index_type`` is one of :data:`INDEX_TYPES`."""
+    if index_type not in INDEX_TYPES:
+        raise InputError(f"--index must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
+    return index_type
+
+
+def num_gpus() -> int:
+    """Number of GPUs faiss can use (0 with faiss-cpu)."""
+    f = faiss()
+    return f.get_num_gpus() if hasattr(f, "get_num_gpus") else 0
+
+
+def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
+    """Split ``rows`` into ``shards`` contiguous, near-equal [start, stop) ranges.
+
+    Raises:
+        InputError: shards < 1 or more shards than rows.
+    """
+    if shards < 1:
+        raise InputError(f"--shards must be at least 1, got {shards}")
+    if shards > rows:
+        raise InputError(f"--shards {shards} is more than the {rows} memory-bank rows")
+    edges = np.linspace(0, rows, shards + 1).round().astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def build_flat_shards(bank: np.ndarray, shards: int = 1) -> list:
+    """``faiss.IndexFlatL2`` per contiguous row range of a float32 (M, d) bank (ids 0.. per shard)."""
+    out = []
+    for start, stop in shard_bounds(len(bank), shards):
+        index = faiss().IndexFlatL2(bank.shape[1])
+        index.add(np.ascontiguousarray(bank[start:stop], dtype=np.float32))
+        out.append(index)
+    return out
+
+
+class ShardedSearcher:
+    """FAISS shards searched as one index (``faiss.IndexShards``).
+
+    Flat shards hold consecutive bank rows (``successive_ids=True`` turns their local
+    ids into bank rows); IVF shards carry their bank rows as ids.
+
+    Args:
+        shards: CPU faiss indexes, shard i holding ``shard_bounds(M, len(shards))[i]``.
+        gpu: place shards on GPUs; None = when :func:`num_gpus` > 0. IVF-PQ layouts
+            that FAISS GPU cannot hold stay on the CPU.
+    """
+
+    def __init__(self, shards: list, gpu: bool | None = None):
+        f = faiss()
+        self.cpu_shards = shards
+        self.is_ivf = f.try_extract_index_ivf(shards[0]) is not None
+        ngpu = num_gpus()
+        self.on_gpu = bool(ngpu) if gpu is None else bool(gpu and ngpu)
+        if self.is_ivf and self.on_gpu:
+            from .ivf import gpu_layout_ok
+
+            self.on_gpu = gpu_layout_ok(shards[0])
+        self._resources = []
+        placed = shards
+        if self.on_gpu:
+            co = f.GpuClonerOptions()
+            if self.is_ivf:
+                co.useFloat16 = shards[0].pq.M > 48  # FAISS GPU: float16 lookup tables beyond 48 bytes
+            self._resources = [f.StandardGpuResources() for _ in range(ngpu)]
+            placed = [f.index_cpu_to_gpu(self._resources[i % ngpu], i % ngpu, s, co) for i, s in enumerate(shards)]
+        self.placed = placed
+        if len(placed) == 1:
+            self.index = placed[0]
+        else:
+            # threaded=True runs GPU shards concurrently; on CPU each shard already
+            # uses every core through OpenMP, so shards run one after the other.
+            self.index = f.IndexShards(shards[0].d, self.on_gpu, not self.is_ivf)
+            for s in placed:
+                self.index.add_shard(s)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Squared L2 float32 (n, k) and bank rows int64 (n, k) (IVF: PQ-approximate
+        distances, -1 rows where fewer than k candidates were found)."""
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+class KnnSearcher:
+    """Exact search straight over a float32 (M, d) bank array (``faiss.knn``, FAISS's
+    blocked brute force), without copying it into an index."""
+
+    def __init__(self, bank: np.ndarray):
+        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return faiss().knn(np.ascontiguousarray(queries, dtype=np.float32), self.bank, k)
+
+
+def rerank(queries: np.ndarray, bank: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest among candidate bank rows (``faiss.knn_L2sqr_by_idx``).
+
+    Args:
+        queries: float32 (n, d).
+        bank: float32 (M, d) C-contiguous memory bank (a memory map is fine).
+        candidates: int64 (n, c) bank rows per query, -1 only at the end of a row.
+        k: neighbours to keep, k <= c.
+
+    Returns:
+        (exact squared L2 float32 (n, k), bank rows int64 (n, k)), ascending; -1 rows
+        (and float max distances) where a query has fewer than k candidates.
+    """
+    f = faiss()
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    candidates = np.ascontiguousarray(candidates, dtype=np.int64)
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    n, c = candidates.shape
+    dist = np.empty((n, k), np.float32)
+    rows = np.empty((n, k), np.int64)
+    f.knn_L2sqr_by_idx(f.swig_ptr(queries), f.swig_ptr(bank), f.swig_ptr(candidates), queries.shape[1], n,
+                       len(bank), c, k, f.swig_ptr(dist), f.swig_ptr(rows), c)
+    return dist, rows
+
+
+def write_shards(shards: list, directory: str | os.PathLike) -> list[str]:
+    """Write each CPU shard as ``shard_NNN.faiss`` (``faiss.write_index``); returns the file names."""
+    names = []
+    for i, shard in enumerate(shards):
+        name = f"shard_{i:03d}.faiss"
+        faiss().write_index(shard, str(Path(directory) / name))
+        names.append(name)
+    return names
+
+
+def read_shard(path: str | os.PathLike, dim: int, rows: int):
+    """Read one shard file and check its dimension and row count.
+
+    Raises:
+        IndexFormatError: missing, unreadable or inconsistent file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IndexFormatError(f"{path}: index shard file missing")
+    try:
+        index = faiss().read_index(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise IndexFormatError(f"{path}: corrupted FAISS index file ({first})") from None
+    if index.d != dim or index.ntotal != rows:
+        raise IndexFormatError(f"{path}: holds {index.ntotal} vectors of dimension {index.d}, "
+                               f"the manifest says {rows} of dimension {dim}")
+    return index
