@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 from .errors import InputError, PatchsearchError
 
@@ -104,8 +103,22 @@ def main(debug):
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="state-dict file instead of the default ImageNet weights")
 @click.option("--embed-dim", type=click.IntRange(min=1), default=None, help="reduce embeddings to this dimension")
-@click.option("--resize", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--crop", type=click.IntRange(min=1), default=224, show_default=True)
+@click.option("--resize", type=click.IntRange(min=1), default=256, show_default=True,
+              help="shorter side of the backbone input, pixels (the whole frame, aspect from the training frames)")
+@click.option("--crop", type=click.IntRange(min=1), default=None,
+              help="the paper's protocol instead: resize, then centre-crop CROP x CROP (borders unseen)")
+@click.option("--tile", type=click.IntRange(min=16), default=None,
+              help="cut the resized frame into TILE x TILE tiles, embedded separately and stitched back")
+@click.option("--tile-overlap", type=click.IntRange(min=0), default=None, help="tile overlap, pixels [32]")
+@click.option("--bit-depth", type=click.Choice(["8", "10", "12", "16"]), default=None,
+              help="camera bit depth of frames over 8 bits [from the file: 16]")
+@click.option("--calibration-fraction", type=float, default=0.1, show_default=True,
+              help="share of train/good held aside to fit the threshold (unless the category has validation/good)")
+@click.option("--target-fpr", type=float, default=None,
+              help="share of good calibration frames allowed above the threshold [0]")
+@click.option("--margin", type=float, default=None, help="threshold = (1 + margin) x that quantile [0.1]")
+@click.option("--min-region-area", type=click.IntRange(min=0), default=0, show_default=True,
+              help="smallest defect region reported, frame pixels")
 @click.option("--coreset-ratio", type=float, default=0.1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True)
@@ -114,17 +127,22 @@ def main(debug):
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="image-decoding worker processes")
 @_friendly
-def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, resize, crop, coreset_ratio,
-          seed, shards, index_type, nlist, pq_m, pq_bits, nprobe, rerank, batch_size, workers):
-    """Build the memory-bank index of CATEGORY from its train/good images."""
-    from .data import Geometry, train_images
+def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, resize, crop, tile, tile_overlap,
+          bit_depth, calibration_fraction, target_fpr, margin, min_region_area, coreset_ratio, seed, shards,
+          index_type, nlist, pq_m, pq_bits, nprobe, rerank, batch_size, workers):
+    """Build the memory-bank index of CATEGORY from its train/good images, and calibrate it."""
+    from .data import train_images, validation_images
     from .pipeline import build as run_build
 
     root = _data_root(data_root)
     paths = train_images(root, category)
     index = run_build(paths, index_dir / category, category=category, data_root=root / category, backbone=backbone,
                       layers=layers.split(",") if layers else None, weights=weights, embed_dim=embed_dim,
-                      geometry=Geometry(resize, crop), coreset_ratio=coreset_ratio, seed=seed, shards=shards,
+                      resize=resize, crop=crop, tile=tile, tile_overlap=tile_overlap,
+                      bit_depth=int(bit_depth) if bit_depth else None,
+                      calibration_images=validation_images(root, category), calibration_fraction=calibration_fraction,
+                      target_fpr=target_fpr, margin=margin, min_region_area=min_region_area,
+                      coreset_ratio=coreset_ratio, seed=seed, shards=shards,
                       index=index_type or "flat", index_params=_index_params(nlist, pq_m, pq_bits, nprobe, rerank),
                       batch_size=batch_size, workers=workers, progress=sys.stderr.isatty(),
                       log=lambda m: click.echo(m, err=True))
@@ -177,19 +195,23 @@ def _query_options(fn):
 @click.option("--category", required=True)
 @_index_dir_option
 @click.option("--maps", "maps_dir", type=click.Path(path_type=Path), default=None,
-              help="write each anomaly map as a heatmap PNG over the image into this folder")
+              help="write per frame a heatmap PNG over the frame and the raw map (.npy) into this folder")
+@click.option("--threshold", type=float, default=None, help="image threshold (L2) instead of the calibrated one")
 @click.option("--k", type=click.IntRange(min=1), default=9, show_default=True, help="neighbours per patch")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @_query_options
 @_friendly
-def query(images, category, index_dir, maps_dir, k, batch_size, nprobe, weights, backbone, embed_dim):
-    """Score IMAGES (files or folders): one JSON line per image.
+def query(images, category, index_dir, maps_dir, threshold, k, batch_size, nprobe, weights, backbone, embed_dim):
+    """Judge IMAGES (files or folders): one JSON line per frame.
 
-    Each line has path, image_score (Eq. 7), the top patch's row/col, its k nearest
-    memory-bank L2 distances and locations (bank rows and the training image and patch
-    they came from). Unreadable images get an "error" field; the exit status is then 1.
+    Each line has the decision (OK / NG / ERROR), image score (Eq. 7, L2), normalised
+    score and threshold, defect regions in frame pixels, and the top patch's k nearest
+    memory-bank L2 distances and locations (the training image and patch they came
+    from). Unreadable frames are ERROR with an "error" field; the exit status is then 1.
     """
     from .data import list_images
+    from .query import iter_query
+    from .report import record, write_maps
 
     index = _load(index_dir, category, nprobe, backbone, embed_dim, weights)
     if k > index.size:
@@ -197,27 +219,16 @@ def query(images, category, index_dir, maps_dir, k, batch_size, nprobe, weights,
     paths = list_images(images)
     if maps_dir is not None:
         maps_dir.mkdir(parents=True, exist_ok=True)
-    from .query import geometry_of, iter_query
-
     failed = 0
     written: set[Path] = set()
-    for part in iter_query(index, paths, k=k, batch_size=batch_size, maps=maps_dir is not None):
-        h, w = part.grid or (0, 0)
+    for part in iter_query(index, paths, k=k, batch_size=batch_size, maps=True, threshold=threshold):
         for i, path in enumerate(part.paths):
-            if i in part.errors:
-                failed += 1
-                click.echo(json.dumps({"path": path, "error": part.errors[i]}))
-                continue
-            top = int(part.top_patches[i])
-            rec = {"path": path, "image_score": float(part.image_scores[i]),
-                   "top_patch": {"row": top // w, "col": top % w},
-                   "distances": [float(x) for x in part.distances[i, top]],
-                   "locations": [int(x) for x in part.locations[i, top]],
-                   "neighbours": index.describe_locations(part.locations[i, top])}
-            if maps_dir is not None:
-                out = _unique(maps_dir / f"{Path(path).parent.name}_{Path(path).stem}_anomaly_map.png", written)
-                _write_heatmap(path, part.anomaly_maps[i], geometry_of(index), out)
-                rec["anomaly_map"] = str(out)
+            rec = record(index, part, i)
+            failed += i in part.errors
+            if maps_dir is not None and i not in part.errors:
+                png = _unique(maps_dir / f"{Path(path).parent.name}_{Path(path).stem}_anomaly_map.png", written)
+                write_maps(index, part, i, png, png.with_suffix(".npy"))
+                rec["anomaly_map"], rec["raw_map"] = str(png), str(png.with_suffix(".npy"))
             click.echo(json.dumps(rec))
     if failed:
         click.echo(f"error: {failed} of {len(paths)} images could not be scored", err=True)
@@ -234,21 +245,31 @@ def _unique(path: Path, taken: set) -> Path:
     return out
 
 
-def _write_heatmap(image_path: str, amap: np.ndarray, geometry, out: Path) -> None:
-    """Blend a jet-coloured anomaly map over the crop region of the original image."""
-    from PIL import Image
+@main.command()
+@click.option("--category", required=True)
+@_index_dir_option
+@click.option("--good", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="good frames or folders (not training images); repeatable")
+@click.option("--defect", multiple=True, type=click.Path(path_type=Path),
+              help="defect frames or folders, for the F1-optimal threshold; repeatable")
+@click.option("--fpr", "target_fpr", type=float, default=None,
+              help="share of the good frames allowed above the threshold [0]")
+@click.option("--margin", type=float, default=None, help="threshold = (1 + margin) x that quantile [0.1]")
+@click.option("--pick", type=click.Choice(["fpr", "f1"]), default="fpr", show_default=True,
+              help="fpr: the rule on good frames; f1: the F1-optimal threshold on --good and --defect")
+@click.option("--min-region-area", type=click.IntRange(min=0), default=None, help="[as before]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@_friendly
+def calibrate(category, index_dir, good, defect, target_fpr, margin, pick, min_region_area, batch_size):
+    """Re-fit CATEGORY's image and pixel thresholds from new good frames."""
+    from .data import list_images
+    from .pipeline import calibrate as run_calibrate
 
-    from .data import load_image
-
-    img = load_image(image_path)
-    left, top, right, bottom = (int(round(v)) for v in geometry.crop_box(*img.size))
-    lo, hi = float(amap.min()), float(amap.max())
-    v = (amap - lo) / (hi - lo) if hi > lo else np.zeros_like(amap)
-    rgb = np.stack([np.clip(1.5 - np.abs(4 * v - c), 0, 1) for c in (3, 2, 1)], -1)  # jet
-    heat = Image.fromarray((rgb * 255).astype(np.uint8)).resize((right - left, bottom - top), Image.BILINEAR)
-    region = img.crop((left, top, right, bottom))
-    img.paste(Image.blend(region, heat, 0.5), (left, top))
-    img.save(out)
+    index = run_calibrate(index_dir / category, list_images(good), defects=list_images(defect) if defect else None,
+                          target_fpr=target_fpr, margin=margin, min_region_area=min_region_area, pick=pick,
+                          batch_size=batch_size, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps({"index": str(index.path), "version": index.version,
+                           "calibration": {k: v for k, v in index.manifest.calibration.items() if k != "images"}}))
 
 
 @main.command()
@@ -260,22 +281,26 @@ def _write_heatmap(image_path: str, amap: np.ndarray, geometry, out: Path) -> No
 @_query_options
 @_friendly
 def evaluate(category, data_root, index_dir, as_json, batch_size, nprobe, weights, backbone, embed_dim):
-    """Image and pixel AUROC of CATEGORY's test split."""
-    from .pipeline import evaluate as run_evaluate
+    """Image/pixel AUROC, AUPRO, and F1 at the calibrated threshold on CATEGORY's test split."""
+    from .evaluate import evaluate as run_evaluate
 
     index = _load(index_dir, category, nprobe, backbone, embed_dim, weights)
-    res = run_evaluate(index, _data_root(data_root), category, batch_size=batch_size,
-                       progress=sys.stderr.isatty())
+    res = run_evaluate(index, _data_root(data_root), category, batch_size=batch_size, progress=sys.stderr.isatty())
     if as_json:
         click.echo(json.dumps(res))
         return
-    c = res["counts"]
-    click.echo(f"category      {category}")
+    c, t = res["counts"], res["at_threshold"]
+    click.echo(f"category      {category} ({res['geometry']['mode']} {res['geometry']['input_size']})")
     click.echo(f"test images   {c['images']} ({c['good']} good, {c['anomalous']} anomalous)")
-    click.echo(f"image AUROC   {res['image_auroc']:.4f}")
-    click.echo(f"pixel AUROC   {res['pixel_auroc']:.4f}")
-    for d, v in res["per_defect_image_auroc"].items():
-        click.echo(f"  {d:<20} image AUROC {v:.4f}")
+    click.echo(f"image AUROC   {res['image_auroc']:.4f}   pixel AUROC {res['pixel_auroc']:.4f}   "
+               f"AUPRO@0.3 {res['aupro']:.4f}")
+    if t is not None:
+        click.echo(f"at threshold  {res['threshold']:.4f}: F1 {t['f1']:.4f} precision {t['precision']:.4f} "
+                   f"recall {t['recall']:.4f} ({res['good_ng']} of {c['good']} good frames NG)")
+    click.echo(f"F1-max        {res['f1_max']['f1']:.4f} at {res['f1_max']['threshold']:.4f} (oracle)")
+    for d, v in res["per_defect"].items():
+        ng = "" if v["ng"] is None else f", {v['ng']} of {v['images']} NG"
+        click.echo(f"  {d:<20} image AUROC {v['image_auroc']:.4f}{ng}")
     click.echo(f"query time    {res['seconds']:.1f} s ({res['seconds_per_image'] * 1000:.0f} ms/image)")
 
 

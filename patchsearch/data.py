@@ -1,4 +1,4 @@
-"""Images in, tensors out: the MVTec AD layout, image decoding and preprocessing geometry.
+"""Images in, tensors out: the MVTec AD layout, frame decoding and batching.
 
 The MVTec AD layout (also anomalib's ``MVTecAD``)::
 
@@ -6,10 +6,9 @@ The MVTec AD layout (also anomalib's ``MVTecAD``)::
     <root>/<category>/test/<defect>/*.png          (defect "good" = normal)
     <root>/<category>/ground_truth/<defect>/<name>_mask.png
 
-Preprocessing is PatchCore's: resize the shorter side to ``resize`` (default 256),
-centre-crop ``crop`` (default 224), ImageNet mean/std normalisation. The same
-:class:`Geometry` maps masks into crop coordinates and anomaly maps back onto the
-original image.
+How a decoded frame becomes backbone input (whole frame or the paper's centre crop,
+tiles) is :mod:`patchsearch.geometry`'s concern; this module decodes frames (any bit
+depth, by a fixed rule per camera) and batches them.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
@@ -88,6 +86,13 @@ def train_images(root: str | os.PathLike, category: str) -> list[Path]:
     return images
 
 
+def validation_images(root: str | os.PathLike, category: str) -> list[Path] | None:
+    """Sorted ``<root>/<category>/validation/good`` images (for calibration), or None where
+    the category has no such folder."""
+    folder = category_dir(root, category) / "validation" / "good"
+    return _sorted_images(folder) or None if folder.is_dir() else None
+
+
 def test_samples(root: str | os.PathLike, category: str) -> list[Sample]:
     """All test images of a category with labels and mask paths, sorted by defect then name.
 
@@ -138,11 +143,31 @@ def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def frame_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file from its header (pixels are not decoded).
+
+    Raises:
+        InputError: the file cannot be read as an image.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from None
+
+
+def load_image(path: str | os.PathLike, bit_depth: int | None = None) -> Image.Image:
     """Decode an image file to 8-bit RGB.
 
-    Grayscale, palette, RGBA (alpha dropped) and 16-bit or 32-bit integer images
-    (scaled by their bit depth to 0..255) are converted.
+    Grayscale, palette and RGBA (alpha dropped) images are converted. Frames of more
+    than 8 bits (16-bit PNG/TIFF, mode ``I;16`` or ``I``) are scaled by a fixed rule,
+    the same for every frame of a camera and never from one frame's content:
+    ``value * 255 / (2 ** bit_depth - 1)``, rounded and clipped to 0..255.
+
+    Args:
+        bit_depth: the camera's bit depth (8, 10, 12 or 16) for frames of more than 8
+            bits; None = from the file's mode (16 for 16-bit and 32-bit integer images).
+            Floating-point images (mode ``F``) are taken as 0..1.
 
     Raises:
         InputError: empty, truncated, undecodable, too small (< 16 px a side) or too
@@ -159,7 +184,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             if min(width, height) < MIN_IMAGE_SIDE:
                 raise InputError(f"{path}: image is {width}x{height}, smaller than {MIN_IMAGE_SIDE} pixels a side")
             img.load()
-            return _to_rgb(img)
+            return _to_rgb(img, bit_depth)
     except InputError:
         raise
     except FileNotFoundError:
@@ -172,15 +197,16 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise InputError(f"{path}: cannot decode image ({exc})") from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+BIT_DEPTHS = (8, 10, 12, 16)
+
+
+def _to_rgb(img: Image.Image, bit_depth: int | None) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        if img.mode == "F":
+            peak = 1.0
+        else:
+            peak = float(2 ** (bit_depth or 16) - 1)
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 1.0 if arr.max() <= 1.0 else 255.0
         arr = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -188,103 +214,67 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Resize-then-centre-crop preprocessing (PatchCore: resize 256, crop 224).
+class ImageDataset:
+    """Map-style dataset of frame paths -> (tensor (T, 3, th, tw) float32, index, None, (w, h)).
 
-    ``resize`` is the length the shorter image side is resized to; ``crop`` the
-    side of the square centre crop fed to the backbone (pixels).
+    ``geometry`` is a :class:`patchsearch.geometry.Geometry`. A file that fails to
+    decode yields ``(None, index, message, None)`` instead of raising, so one bad frame
+    does not stop a batch; :func:`collate` separates them.
     """
 
-    resize: int = 256
-    crop: int = 224
-
-    def __post_init__(self):
-        if self.crop <= 0 or self.resize <= 0:
-            raise InputError(f"resize ({self.resize}) and crop ({self.crop}) must be positive")
-        if self.crop > self.resize:
-            raise InputError(f"crop size {self.crop} is larger than resize {self.resize}")
-
-    def _transform(self, interpolation):
-        from torchvision.transforms import v2
-
-        return v2.Compose([
-            v2.Resize(self.resize, interpolation=interpolation, antialias=True),
-            v2.CenterCrop(self.crop),
-        ])
-
-    def image_tensor(self, img: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> normalised float32 tensor (3, crop, crop)."""
-        from torchvision.transforms import v2
-
-        t = v2.functional.pil_to_tensor(img)
-        t = self._transform(v2.InterpolationMode.BILINEAR)(t)
-        t = v2.functional.to_dtype(t, torch.float32, scale=True)
-        return v2.functional.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
-
-    def mask_array(self, path: str | os.PathLike) -> np.ndarray:
-        """Ground-truth mask file -> bool array (crop, crop), True where pixel > 0.
-
-        Resized with nearest-neighbour interpolation and cropped like the image.
-
-        Raises:
-            InputError: the mask cannot be read.
-        """
-        from torchvision.transforms import v2
-
-        img = load_image(path).convert("L")
-        t = v2.functional.pil_to_tensor(img)
-        t = self._transform(v2.InterpolationMode.NEAREST)(t)
-        return t[0].numpy() > 0
-
-    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
-        """(left, top, right, bottom) of the crop in original image pixels."""
-        # torchvision's Resize(int) and CenterCrop arithmetic.
-        if width <= height:
-            new_w, new_h = self.resize, int(self.resize * height / width)
-        else:
-            new_w, new_h = int(self.resize * width / height), self.resize
-        left = int(round((new_w - self.crop) / 2.0))
-        top = int(round((new_h - self.crop) / 2.0))
-        sx, sy = width / new_w, height / new_h
-        return (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Map-style dataset of image paths -> (tensor (3, crop, crop) float32, index).
-
-    A file that fails to decode yields ``(None, index, message)`` instead of raising,
-    so one bad frame does not stop a batch; :func:`collate` separates them.
-    """
-
-    def __init__(self, paths: Sequence[Path], geometry: Geometry):
+    def __init__(self, paths: Sequence[Path], geometry, bit_depth: int | None = None):
         self.paths = list(paths)
         self.geometry = geometry
+        self.bit_depth = bit_depth
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return self.geometry.image_tensor(load_image(self.paths[i])), i, None
+            img = load_image(self.paths[i], self.bit_depth)
+            return self.geometry.frame_tensor(img), i, None, img.size
         except InputError as exc:
-            return None, i, str(exc)
+            return None, i, str(exc), None
 
 
-def collate(items):
-    """Collate :class:`ImageDataset` items -> (tensor (B,3,H,W) or None, good indices, {index: error})."""
-    good = [(t, i) for t, i, err in items if err is None]
-    errors = {i: err for _, i, err in items if err is not None}
-    batch = torch.stack([t for t, _ in good]) if good else None
-    return batch, [i for _, i in good], errors
+@dataclass
+class Batch:
+    """Decoded frames of one batch.
 
-
-def iter_batches(paths: Sequence[Path], geometry: Geometry, batch_size: int = 16, workers: int = 0):
-    """Yield (tensor (B,3,crop,crop) float32 or None, indices into ``paths``, {index: error message}).
-
-    At most ``batch_size`` decoded images (times the worker prefetch) are in memory.
+    Attributes:
+        tensor: float32 (B * T, 3, th, tw), T tiles per frame (frame-major), or None
+            when no frame of the batch could be read.
+        good: indices (into the path list) of the B readable frames.
+        errors: {index: message} of the unreadable ones.
+        frame_sizes: (width, height) of each readable frame, in ``good`` order.
     """
-    dataset = ImageDataset(paths, geometry)
+
+    tensor: object
+    good: list[int]
+    errors: dict[int, str]
+    frame_sizes: list[tuple[int, int]]
+
+
+def collate(items) -> Batch:
+    """Collate :class:`ImageDataset` items into a :class:`Batch`."""
+    import torch
+
+    good = [(t, i, size) for t, i, err, size in items if err is None]
+    errors = {i: err for _, i, err, _ in items if err is not None}
+    tensor = torch.cat([t for t, _, _ in good]) if good else None
+    return Batch(tensor, [i for _, i, _ in good], errors, [size for _, _, size in good])
+
+
+def iter_batches(paths: Sequence[Path], geometry, batch_size: int = 16, workers: int = 0,
+                 bit_depth: int | None = None):
+    """Yield one :class:`Batch` per ``batch_size`` frames, in order.
+
+    At most ``batch_size`` decoded frames (times the worker prefetch) are in memory.
+    """
+    import torch
+
+    dataset = ImageDataset(paths, geometry, bit_depth)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=collate)
     yield from loader

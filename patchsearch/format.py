@@ -44,7 +44,9 @@ class Manifest:
         geometry: how frames become backbone input (:mod:`patchsearch.data` Geometry dict), or None.
         grid: patch grid [h, w] per frame, or None.
         coreset: {"ratio", "seed", "projection_dim", "method"}, or None.
-        store: {"files": [...], "num_patches", "num_images", "data_root"}, or None.
+        store: {"files": [...], "partitions", "num_patches", "num_images"}, or None.
+        calibration: thresholds fitted on good images only ({"image", "pixel",
+            "min_region_area", "source", "images", "scores"}), or None.
         timings: seconds per build stage.
         versions: package versions at build.
         files: {file name: {"size", "sha256"}} of every other file of the version.
@@ -61,6 +63,7 @@ class Manifest:
     grid: list | None = None
     coreset: dict | None = None
     store: dict | None = None
+    calibration: dict | None = None
     timings: dict = dataclasses.field(default_factory=dict)
     versions: dict = dataclasses.field(default_factory=dict)
     files: dict = dataclasses.field(default_factory=dict)

@@ -214,6 +214,11 @@ class PatchIndex:
         return None if self._lease is None else self._lease.version
 
     @property
+    def directory(self) -> Path | None:
+        """The version directory this index was loaded from (its files), or None."""
+        return None if self._lease is None else self._lease.path
+
+    @property
     def bank(self) -> np.ndarray:
         """float32 (M, d) memory-bank embeddings."""
         return self.memory_bank.embeddings

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .coreset import PROJECTION_DIM, check_ratio, kcenter_greedy
+from .data import BIT_DEPTHS
 from .errors import InputError
 from .format import read_manifest
 from .index import PatchIndex
@@ -29,6 +30,8 @@ from .store import ImageRecord, PatchStore, PatchStoreWriter, StoreArray
 from .versions import new_version, open_version, tidy
 
 Log = Callable[[str], None]
+CALIBRATION_FRACTION = 0.1  # of train/good held aside for the threshold when there is no validation/good
+MIN_CALIBRATION = 5
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -42,26 +45,39 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: str | None = None,
           data_root: str | os.PathLike | None = None, backbone: str | None = None,
           layers: Sequence[str] | None = None, weights: str | None = None, embed_dim: int | None = None,
-          geometry=None, coreset_ratio: float = 0.1, seed: int = 0, shards: int = 1, index: str = "flat",
-          index_params: dict | None = None, batch_size: int = 16, workers: int = 0, progress: bool = False,
+          geometry=None, resize: int = 256, crop: int | None = None, tile: int | None = None,
+          tile_overlap: int | None = None, bit_depth: int | None = None, coreset_ratio: float = 0.1,
+          seed: int = 0, shards: int = 1, index: str = "flat", index_params: dict | None = None,
+          calibration_images: Sequence[Path] | None = None, calibration_fraction: float = CALIBRATION_FRACTION,
+          target_fpr: float | None = None, margin: float | None = None, min_region_area: int = 0,
+          batch_size: int = 16, workers: int = 0, progress: bool = False,
           log: Log = lambda msg: None) -> PatchIndex:
-    """Build a PatchCore memory-bank index from defect-free images.
+    """Build a PatchCore memory-bank index from defect-free images, with a calibrated threshold.
 
     Writes a new version of ``out_dir``: the Arrow patch store of every raw patch
     embedding, the coreset memory bank with its support sets, its FAISS shards and the
-    manifest (per-stage seconds under ``timings``). A failure leaves the current
-    version untouched.
+    manifest (per-stage seconds under ``timings``, the calibration under
+    ``calibration``). A failure leaves the current version untouched.
+
+    Calibration: ``calibration_images`` (e.g. a ``validation/good`` folder), or else a
+    seeded ``calibration_fraction`` of the training images (at least 5, at most half),
+    is kept out of the store and the memory bank, scored with the built index, and the
+    image and pixel thresholds are fitted from those good scores alone
+    (:func:`patchsearch.calibrate.fit_threshold`). Fewer than 4 training images: no calibration.
 
     Args:
-        image_paths: training (defect-free) images.
+        image_paths: training (defect-free) frames.
         out_dir: the index directory (``<index-dir>/<category>``).
         data_root: image paths are recorded relative to it (default: their common folder).
         backbone, layers, weights, embed_dim: see :class:`~patchsearch.features.PatchEmbedder`.
-        geometry: a :class:`~patchsearch.data.Geometry` (default resize 256, crop 224).
+        geometry: a :class:`~patchsearch.geometry.Geometry`; default chosen from the training
+            frames by :func:`~patchsearch.geometry.choose_geometry` (resize, crop, tile, tile_overlap).
+        bit_depth: camera bit depth for frames of more than 8 bits (:func:`~patchsearch.data.load_image`).
         coreset_ratio, seed: see :func:`~patchsearch.coreset.kcenter_greedy`.
-        shards, index, index_params: see :meth:`PatchIndex.from_embeddings`
-            (index_params: nlist, pq_m, pq_bits, nprobe, rerank).
-        batch_size: images per backbone batch (bounds memory).
+        shards, index, index_params: see :meth:`PatchIndex.from_embeddings`.
+        target_fpr, margin, min_region_area: the threshold rule (:mod:`patchsearch.calibrate`)
+            and the smallest defect region reported (frame pixels).
+        batch_size: frames per backbone batch (bounds memory).
         workers: image-decoding worker processes (0 = in the main process).
 
     Returns:
@@ -71,15 +87,20 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
         InputError: no image, an unreadable training image, bad options.
         WeightsUnavailableError: backbone weights cannot be loaded.
     """
-    from .data import Geometry, iter_batches
+    from .data import frame_size, iter_batches
     from .features import DEFAULT_BACKBONE, PatchEmbedder
+    from .geometry import TILE_OVERLAP, choose_geometry
 
     image_paths = [Path(p) for p in image_paths]
     if not image_paths:
         raise InputError("no training image given")
     check_ratio(coreset_ratio)
     check_index_type(index)
-    geometry = geometry or Geometry()
+    if bit_depth is not None and bit_depth not in BIT_DEPTHS:
+        raise InputError(f"--bit-depth must be one of {', '.join(map(str, BIT_DEPTHS))}, got {bit_depth}")
+    train, held = split_calibration(image_paths, calibration_images, calibration_fraction, seed)
+    geometry = geometry or choose_geometry([frame_size(p) for p in train], resize, crop, tile,
+                                           TILE_OVERLAP if tile_overlap is None else tile_overlap)
     root = Path(data_root) if data_root is not None else Path(os.path.commonpath([p.parent for p in image_paths]))
     timings = {}
     t0 = time.perf_counter()
@@ -87,27 +108,107 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
     timings["load_backbone"] = time.perf_counter() - t0
     with new_version(out_dir) as tmp:
         t0 = time.perf_counter()
-        grid = None
+        tiles = len(geometry.tile_boxes())
         with PatchStoreWriter(tmp, embedder.dim) as writer:
-            nbatches = (len(image_paths) + batch_size - 1) // batch_size
-            for batch, good, errors in _progress(iter_batches(image_paths, geometry, batch_size, workers),
-                                                 nbatches, "embed", progress):
-                if errors:
-                    raise InputError(f"training image {next(iter(errors.values()))}")
-                emb = embedder(batch).numpy()
+            nbatches = (len(train) + batch_size - 1) // batch_size
+            for batch in _progress(iter_batches(train, geometry, batch_size, workers, bit_depth), nbatches,
+                                   "embed", progress):
+                if batch.errors:
+                    raise InputError(f"training image {next(iter(batch.errors.values()))}")
+                emb = embedder(batch.tensor).numpy()
                 grid = [int(emb.shape[1]), int(emb.shape[2])]
-                writer.write([ImageRecord.from_file(image_paths[i], root) for i in good], emb)
+                emb = emb.reshape(len(batch.good), tiles, *emb.shape[1:]) if tiles > 1 else emb
+                writer.write([ImageRecord.from_file(train[i], root) for i in batch.good], emb,
+                             tiles=tiles if tiles > 1 else None)
         timings["extract"] = time.perf_counter() - t0
         log(f"embedded {writer.num_images} images -> {writer.num_patches} patches of dim {embedder.dim} "
-            f"in {timings['extract']:.1f} s")
-        meta = {"category": category, "backbone": embedder.describe(),
-                "geometry": {"resize": geometry.resize, "crop": geometry.crop}, "grid": grid}
+            f"in {timings['extract']:.1f} s (input {geometry.input_size[1]}x{geometry.input_size[0]}, "
+            f"{geometry.mode}{f', {tiles} tiles' if tiles > 1 else ''})")
+        meta = {"category": category, "backbone": embedder.describe(), "geometry": geometry.to_dict(),
+                "grid": grid, "extra": {"decode": {"bit_depth": bit_depth}}}
         built = index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params,
                                  progress, log)
+        built._embedder = embedder
+        if held:
+            t0 = time.perf_counter()
+            source = "calibration images" if calibration_images else \
+                f"{len(held)} of {len(image_paths)} train/good frames held aside (seed {seed})"
+            built.manifest.calibration = fit_calibration(built, held, root, source, target_fpr, margin,
+                                                         min_region_area, batch_size)
+            timings["calibrate"] = round(time.perf_counter() - t0, 3)
+            log(f"calibrated on {len(held)} good frames: image threshold "
+                f"{built.manifest.calibration['image']['threshold']:.4f}, pixel threshold "
+                f"{built.manifest.calibration['pixel']['threshold']:.4f} (L2)")
+        else:
+            log(f"not calibrated: {len(image_paths)} training frames are too few to hold some aside")
         built.write(tmp)
     built.path = Path(out_dir)
     log(f"index written to {out_dir}")
     return built
+
+
+def split_calibration(image_paths: list[Path], calibration_images, fraction: float, seed: int):
+    """(training frames, held-aside calibration frames).
+
+    Given ``calibration_images``, all ``image_paths`` train. Else a seeded
+    ``fraction`` of them (at least 5, at most half; none below 4 frames) is held aside.
+    """
+    if calibration_images:
+        return image_paths, [Path(p) for p in calibration_images]
+    if not 0.0 <= fraction < 1.0:
+        raise InputError(f"--calibration-fraction must be in [0, 1), got {fraction}")
+    n = len(image_paths)
+    count = 0 if fraction == 0 or n < 4 else min(n // 2, max(MIN_CALIBRATION, round(fraction * n)))
+    held = set(np.random.default_rng(seed).choice(n, count, replace=False).tolist()) if count else set()
+    return [p for i, p in enumerate(image_paths) if i not in held], [p for i, p in enumerate(image_paths) if i in held]
+
+
+def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source: str,
+                    target_fpr: float | None = None, margin: float | None = None, min_region_area: int = 0,
+                    batch_size: int = 16, defects: Sequence[Path] | None = None, pick: str = "fpr") -> dict:
+    """Score good frames (and optionally defect frames) and fit the thresholds.
+
+    Args:
+        good: good frames, none of them in the memory bank.
+        defects: defect frames: their scores give the F1-optimal image threshold
+            (reported; used when ``pick="f1"``).
+
+    Returns:
+        the manifest's ``calibration`` record: {"image", "pixel" (each
+        :func:`~patchsearch.calibrate.fit_threshold`'s dict), "min_region_area",
+        "source", "images" (paths relative to ``root``), "scores", "f1_optimal"}.
+
+    Raises:
+        InputError: an unreadable frame, too few frames, ``pick="f1"`` without defects.
+    """
+    from .calibrate import MARGIN, TARGET_FPR, f1_optimal_threshold, fit_pixel_threshold, fit_threshold
+    from .query import query
+
+    if pick not in ("fpr", "f1") or (pick == "f1" and not defects):
+        raise InputError("--pick f1 needs --defect frames" if pick == "f1" else f"--pick must be fpr or f1, got {pick}")
+    target_fpr = TARGET_FPR if target_fpr is None else target_fpr
+    margin = MARGIN if margin is None else margin
+    res = query(index, good, batch_size=batch_size, regions=False)
+    if res.errors:
+        raise InputError(f"calibration image {next(iter(res.errors.values()))}")
+    out = {"image": fit_threshold(res.image_scores, target_fpr, margin),
+           "pixel": fit_pixel_threshold(res.anomaly_maps, target_fpr, margin),
+           "min_region_area": int(min_region_area), "source": source,
+           "images": [_relative(p, root) for p in good], "scores": [round(float(s), 6) for s in res.image_scores]}
+    if defects:
+        bad = query(index, defects, batch_size=batch_size, maps=False)
+        if bad.errors:
+            raise InputError(f"defect image {next(iter(bad.errors.values()))}")
+        out["f1_optimal"] = f1_optimal_threshold(res.image_scores, bad.image_scores)
+        if pick == "f1":
+            out["image"] = {**out["image"], "threshold": out["f1_optimal"]["threshold"],
+                            "rule": "F1-optimal on labelled good and defect frames"}
+    return out
+
+
+def _relative(path: Path, root: Path) -> str:
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    return (path.relative_to(root) if path.is_relative_to(root) else path).as_posix()
 
 
 def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None, seed: int | None = None,
@@ -134,7 +235,7 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
         shards = len(old.index["shards"]) if shards is None else shards
         index = check_index_type(old.index_type if index is None else index)
         meta = {"category": old.category, "backbone": old.backbone, "geometry": old.geometry, "grid": old.grid,
-                "store": old.store}
+                "store": old.store, "extra": old.extra}
         timings = {}
         with new_version(index_dir) as tmp:
             for name in store_files:
@@ -144,6 +245,10 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
                     shutil.copyfile(lease.path / name, tmp / name)
             built = index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params,
                                      progress, log)
+            if old.calibration and (coreset_ratio, seed) == (old.coreset["ratio"], old.coreset["seed"]):
+                built.manifest.calibration = old.calibration  # the same memory bank: thresholds hold
+            elif old.calibration:
+                log("the memory bank changed: its thresholds were dropped; run 'patchsearch calibrate'")
             built.write(tmp)
     tidy(index_dir)  # the version this rebuild read from is no longer leased by it
     built.path = index_dir
@@ -174,7 +279,8 @@ def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: 
             "coreset": {"ratio": coreset_ratio, "seed": seed, "projection_dim": PROJECTION_DIM,
                         "method": "greedy k-center"},
             "store": {**(meta.get("store") or {}), "files": list(store.files), "num_patches": store.num_patches,
-                      "num_images": store.num_images},
+                      "num_images": store.num_images,
+                      "partitions": sorted(int(f[8:13]) for f in store.files if f.startswith("patches-")) or None},
             "timings": timings}
     recall_queries = None
     if index == "ivfpq":  # held-aside patches: store rows not in the memory bank
@@ -193,50 +299,42 @@ def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: 
     return built
 
 
-def evaluate(index: PatchIndex, data_root: str | os.PathLike, category: str, batch_size: int = 16,
-             progress: bool = False) -> dict:
-    """Score the test split of an MVTec AD category.
+def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Sequence[Path] | None = None,
+              target_fpr: float | None = None, margin: float | None = None, min_region_area: int | None = None,
+              pick: str = "fpr", batch_size: int = 16, log: Log = lambda msg: None) -> PatchIndex:
+    """Re-fit an index's thresholds from new good frames (and optionally defect frames),
+    installing a new version that shares every other file with the current one.
 
-    Returns:
-        {"image_auroc", "pixel_auroc", "per_defect_image_auroc": {defect: AUROC of good vs it},
-         "counts": {"images", "good", "anomalous", "pixels", "anomalous_pixels"}, "seconds",
-         "seconds_per_image"}. Pixel AUROC is over every crop pixel of every test image,
-        masks mapped by the index's geometry (resize, centre crop, > 0).
+    Args:
+        good: good frames (not in the memory bank: frames from the line, a validation set).
+        defects: defect frames, for the F1-optimal threshold (reported; used with ``pick="f1"``).
+        target_fpr, margin: the rule of :func:`patchsearch.calibrate.fit_threshold`.
+        min_region_area: smallest reported defect region (frame pixels) [as before].
 
     Raises:
-        InputError: missing data, unreadable test image or mask.
+        InputError: unreadable frames, too few good frames, bad options.
+        IndexFormatError: no index.
     """
-    from .data import test_samples
-    from .metrics import auroc
-    from .query import geometry_of
+    from .format import write_manifest
 
-    samples = test_samples(data_root, category)
-    geometry = geometry_of(index)
-    t0 = time.perf_counter()
-    scores, maps = [], []
-    nbatches = (len(samples) + batch_size - 1) // batch_size
-    for part in _progress(index.iter_query([s.path for s in samples], batch_size=batch_size), nbatches,
-                          "query", progress):
-        if part.errors:
-            raise InputError(f"test image {next(iter(part.errors.values()))}")
-        scores.append(part.image_scores)
-        maps.append(part.anomaly_maps)
-    seconds = time.perf_counter() - t0
-    scores = np.concatenate(scores)
-    maps = np.concatenate(maps)
-    masks = np.stack([geometry.mask_array(s.mask_path) if s.mask_path else
-                      np.zeros((geometry.crop, geometry.crop), bool) for s in samples])
-    labels = np.array([s.label for s in samples])
-    defects = np.array([s.defect for s in samples])
-    per_defect = {d: auroc(labels[(defects == d) | (labels == 0)], scores[(defects == d) | (labels == 0)])
-                  for d in sorted(set(defects[labels == 1]))}
-    return {
-        "category": category,
-        "image_auroc": auroc(labels, scores),
-        "pixel_auroc": auroc(masks, maps),
-        "per_defect_image_auroc": per_defect,
-        "counts": {"images": len(samples), "good": int((labels == 0).sum()), "anomalous": int(labels.sum()),
-                   "pixels": int(masks.size), "anomalous_pixels": int(masks.sum())},
-        "seconds": round(seconds, 3),
-        "seconds_per_image": round(seconds / len(samples), 4),
-    }
+    index_dir = Path(index_dir)
+    index = PatchIndex.load(index_dir)
+    try:
+        old = (index.manifest.calibration or {}).get("min_region_area", 0)
+        root = Path(os.path.commonpath([Path(os.path.abspath(p)).parent for p in good]))
+        cal = fit_calibration(index, [Path(p) for p in good], root, f"patchsearch calibrate ({len(good)} good frames)",
+                              target_fpr, margin, old if min_region_area is None else min_region_area, batch_size,
+                              defects, pick)
+        with new_version(index_dir) as tmp:
+            for name in index.manifest.files:
+                try:
+                    os.link(index.directory / name, tmp / name)
+                except OSError:
+                    shutil.copyfile(index.directory / name, tmp / name)
+            index.manifest.calibration = cal
+            write_manifest(tmp, index.manifest)
+    finally:
+        index.close()
+    tidy(index_dir)
+    log(f"image threshold {cal['image']['threshold']:.4f}, pixel threshold {cal['pixel']['threshold']:.4f} (L2)")
+    return PatchIndex.load(index_dir)

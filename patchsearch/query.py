@@ -55,81 +55,94 @@ def embedder_for(index: PatchIndex, weights: str | None = None):
 
 
 def geometry_of(index: PatchIndex):
-    """The :class:`~patchsearch.data.Geometry` the index was built with."""
-    from .data import Geometry
+    """The :class:`~patchsearch.geometry.Geometry` the index was built with."""
+    from .geometry import Geometry, crop_geometry
 
-    g = index.manifest.geometry or {}
-    return Geometry(**g) if g else Geometry()
+    return Geometry.from_dict(index.manifest.geometry) if index.manifest.geometry else crop_geometry()
 
 
-def grid_of(index: PatchIndex) -> tuple[int, int]:
-    """Patch grid (h, w) of one frame (from the manifest, else by a probe through the backbone)."""
-    if index.manifest.grid:
-        return tuple(index.manifest.grid)
-    import torch
-
-    crop = geometry_of(index).crop
-    with torch.no_grad():
-        emb = embedder_for(index)(torch.zeros(1, 3, crop, crop))
-    index.manifest.grid = [int(emb.shape[1]), int(emb.shape[2])]
-    return tuple(index.manifest.grid)
+def thresholds_of(index: PatchIndex, threshold: float | None = None) -> tuple[float | None, float | None, int]:
+    """(image threshold, pixel threshold, minimum region area in frame pixels) from the
+    index's calibration (None where uncalibrated); ``threshold`` overrides the image one."""
+    cal = index.manifest.calibration or {}
+    image = threshold if threshold is not None else (cal.get("image") or {}).get("threshold")
+    return image, (cal.get("pixel") or {}).get("threshold"), int(cal.get("min_region_area", 0))
 
 
 def iter_query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 16, maps: bool = True,
-               sigma: float = SIGMA, weights: str | None = None) -> Iterator[SearchResult]:
+               sigma: float = SIGMA, threshold: float | None = None, regions: bool = True,
+               weights: str | None = None) -> Iterator[SearchResult]:
     """Like :func:`query`, one :class:`SearchResult` per batch of images (bounded memory)."""
     import torch
 
     from .data import iter_batches
 
+    image_t, pixel_t, min_area = thresholds_of(index, threshold)
+    embedder_for(index, weights)  # fail before reading any frame if the index cannot embed
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise InputError(f"image tensor must be (N, 3, H, W), got {tuple(images.shape)}")
         for start in range(0, len(images), batch_size):
-            yield _score_batch(index, images[start:start + batch_size].float(), k, b, maps, sigma, weights)
+            part = _search_tensor(index, images[start:start + batch_size].float(), k, b, weights)
+            if maps:
+                h, w = part.grid
+                part.anomaly_maps = list(anomaly_maps(part.patch_scores.reshape(-1, h, w), images.shape[-2:], sigma))
+            part.threshold = image_t
+            yield part
         return
     paths = [Path(p) for p in images]
     geometry = geometry_of(index)
-    for batch, good, errors in iter_batches(paths, geometry, batch_size):
-        first = min(list(good) + list(errors))
-        n = len(good) + len(errors)
-        part = _score_batch(index, batch, k, b, maps, sigma, weights) if batch is not None else None
-        h, w = grid_of(index) if part is None else part.grid
-        yield _expand(part, [i - first for i in good], n, {i - first: e for i, e in errors.items()},
-                      [str(p) for p in paths[first:first + n]], k, h * w, geometry.crop if maps else None)
+    bit_depth = (index.manifest.extra.get("decode") or {}).get("bit_depth")
+    for batch in iter_batches(paths, geometry, batch_size, bit_depth=bit_depth):
+        first = min(batch.good + list(batch.errors))
+        n = len(batch.good) + len(batch.errors)
+        part = None
+        if batch.tensor is not None:
+            part = _search_tensor(index, batch.tensor, k, b, weights, tiles=len(batch.tensor) // len(batch.good))
+            if maps:
+                _frame_maps(part, geometry, batch.frame_sizes, sigma, pixel_t if regions else None, min_area)
+        result = _expand(part, [i - first for i in batch.good], n, {i - first: e for i, e in batch.errors.items()},
+                         [str(p) for p in paths[first:first + n]], k, maps)
+        result.threshold, result.pixel_threshold = image_t, pixel_t
+        yield result
 
 
 def query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 16, maps: bool = True,
-          sigma: float = SIGMA, weights: str | None = None) -> SearchResult:
+          sigma: float = SIGMA, threshold: float | None = None, regions: bool = True,
+          weights: str | None = None) -> SearchResult:
     """Embed and search images with the backbone the index was built with.
 
     Args:
         index: the :class:`PatchIndex` (built by ``patchsearch build``: it records its backbone).
         images: image paths (str or Path), or a float32 tensor (N, 3, H, W) already
-            preprocessed like :meth:`patchsearch.data.Geometry.image_tensor`.
+            preprocessed (ImageNet-normalised backbone input).
         k, b: see :meth:`PatchIndex.search`.
         batch_size: images embedded at a time.
-        maps: compute anomaly maps float32 (N, H, W) (crop size for paths, H x W for tensors).
-        sigma: Gaussian blur of the anomaly maps, pixels.
+        maps: compute anomaly maps (one float32 (h, w) per frame: see :class:`SearchResult`).
+        sigma: Gaussian blur of the anomaly maps, input pixels (PatchCore: 4).
+        threshold: image threshold overriding the calibrated one (L2).
+        regions: find defect regions (needs maps and a calibrated pixel threshold).
         weights: see :func:`embedder_for`.
 
     Returns:
-        :class:`SearchResult` with ``paths`` (for path input), ``anomaly_maps`` and
-        ``errors`` for unreadable images.
+        :class:`SearchResult` with ``paths`` (for path input), ``anomaly_maps``,
+        ``regions``, ``threshold`` (hence ``decisions``) and ``errors`` for unreadable images.
 
     Raises:
         InputError: no image, a bad tensor shape.
         IndexFormatError: see :func:`embedder_for`.
     """
-    parts = list(iter_query(index, images, k, b, batch_size, maps, sigma, weights))
+    parts = list(iter_query(index, images, k, b, batch_size, maps, sigma, threshold, regions, weights))
     if not parts:
         raise InputError("no image to query")
     out = SearchResult(
         np.concatenate([p.distances for p in parts]), np.concatenate([p.locations for p in parts]),
         np.concatenate([p.image_scores for p in parts]), np.concatenate([p.top_patches for p in parts]),
-        grid=parts[0].grid,
-        anomaly_maps=np.concatenate([p.anomaly_maps for p in parts]) if maps else None,
-        paths=sum((p.paths for p in parts), []) if parts[0].paths is not None else None)
+        grid=parts[0].grid, tiles=parts[0].tiles,
+        anomaly_maps=sum((p.anomaly_maps for p in parts), []) if maps else None,
+        paths=sum((p.paths for p in parts), []) if parts[0].paths is not None else None,
+        threshold=parts[0].threshold, pixel_threshold=parts[0].pixel_threshold,
+        regions=sum((p.regions for p in parts), []) if parts[0].regions is not None else None)
     offset = 0
     for p in parts:
         out.errors.update({offset + i: e for i, e in p.errors.items()})
@@ -137,32 +150,58 @@ def query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 1
     return out
 
 
-def _score_batch(index: PatchIndex, batch, k: int, b: int, maps: bool, sigma: float, weights) -> SearchResult:
-    emb = embedder_for(index, weights)(batch).numpy()  # (B, h, w, d)
+def _search_tensor(index: PatchIndex, batch, k: int, b: int, weights, tiles: int = 1) -> SearchResult:
+    """Embed (B * tiles, 3, th, tw) and search each frame's tiles together as one image."""
+    emb = embedder_for(index, weights)(batch).numpy()  # (B * T, h, w, d)
     n, h, w, d = emb.shape
-    result = index.search(emb.reshape(n, h * w, d), k, b)
-    result.grid = (h, w)
-    if maps:
-        result.anomaly_maps = anomaly_maps(result.patch_scores.reshape(n, h, w), tuple(batch.shape[-2:]), sigma)
+    result = index.search(emb.reshape(n // tiles, tiles * h * w, d), k, b)
+    result.grid, result.tiles = (h, w), tiles
     return result
 
 
+def _frame_maps(part: SearchResult, geometry, frame_sizes, sigma: float, pixel_t: float | None,
+                min_area: int) -> None:
+    """Anomaly maps on each original frame (tiles stitched) and, with a pixel threshold, regions."""
+    from .regions import defect_regions
+
+    h, w = part.grid
+    scores = part.patch_scores.reshape(len(frame_sizes), part.tiles, h, w)
+    part.anomaly_maps, part.regions = [], [] if pixel_t is not None else None
+    for grid, size in zip(scores, frame_sizes):
+        amap = geometry.frame_map(geometry.stitch(grid) if part.tiles > 1 else grid[0], size, sigma)
+        part.anomaly_maps.append(amap)
+        if pixel_t is not None:
+            found = defect_regions(amap, pixel_t, min_area, geometry.scale(size))
+            left, top = geometry.crop_box(*size)[:2]
+            for r in found:  # crop mode: the crop's offset in the frame (0 in whole-frame mode)
+                r["bbox"] = [int(r["bbox"][0] + left), int(r["bbox"][1] + top), int(r["bbox"][2] + left),
+                             int(r["bbox"][3] + top)]
+                r["peak_xy"] = [int(r["peak_xy"][0] + left), int(r["peak_xy"][1] + top)]
+            part.regions.append(found)
+
+
 def _expand(part: SearchResult | None, good: list[int], n: int, errors: dict, paths: list[str], k: int,
-            p: int, crop: int | None) -> SearchResult:
-    """Place the results of the readable images of a batch among its unreadable ones."""
+            maps: bool) -> SearchResult:
+    """Place the results of the readable images of a batch among its unreadable ones
+    (NaN scores, -1 locations, NaN maps, no regions: never judged good)."""
     if part is not None and len(good) == n:
         part.paths, part.errors = paths, errors
         return part
+    p = part.distances.shape[1] if part is not None else 1
     dist = np.full((n, p, k), np.nan, np.float32)
     loc = np.full((n, p, k), -1, np.int64)
     scores = np.full(n, np.nan, np.float32)
     top = np.full(n, -1, np.int64)
-    amaps = np.full((n, crop, crop), np.nan, np.float32) if crop else None
-    grid = None
+    amaps = [np.full((1, 1), np.nan, np.float32) for _ in range(n)] if maps else None
+    regions = [[] for _ in range(n)] if part is not None and part.regions is not None else None
+    out = SearchResult(dist, loc, scores, top, paths=paths, errors=errors, anomaly_maps=amaps, regions=regions)
     if part is not None:
         dist[good], loc[good], scores[good], top[good] = part.distances, part.locations, part.image_scores, \
             part.top_patches
-        if amaps is not None:
-            amaps[good] = part.anomaly_maps
-        grid = part.grid
-    return SearchResult(dist, loc, scores, top, grid=grid, anomaly_maps=amaps, paths=paths, errors=errors)
+        out.grid, out.tiles = part.grid, part.tiles
+        for j, i in enumerate(good):
+            if maps:
+                amaps[i] = part.anomaly_maps[j]
+            if regions is not None:
+                regions[i] = part.regions[j]
+    return out

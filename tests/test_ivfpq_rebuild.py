@@ -171,8 +171,8 @@ def test_rebuild_from_arrow_store(tmp_path, mvtec_root):
 
     out = run("rebuild", "--category", "widget", "--index-dir", idx, "--index", "ivfpq", "--shards", "2",
               "--coreset-ratio", "0.5")
-    assert out["type"] == "ivfpq" and out["shards"] == 2 and out["memory_bank"] == int(6 * 64 * 0.5)
-    assert out["ivfpq"]["recall_queries_kind"] == "held-aside" and out["ivfpq"]["recall_queries"] == 6 * 64 - 192  # store rows not in the bank
+    assert out["type"] == "ivfpq" and out["shards"] == 2 and out["memory_bank"] == int(3 * 64 * 0.5)
+    assert out["ivfpq"]["recall_queries_kind"] == "held-aside" and out["ivfpq"]["recall_queries"] == 3 * 64 - 96  # store rows not in the bank
     assert out["ivfpq"]["recall_at_9"] >= 0.95 or out["ivfpq"]["nprobe"] == out["ivfpq"]["nlist"]
     r = CliRunner().invoke(main, ["query", str(mvtec_root / "widget/test/blob/000.png"), "--category", "widget",
                                   "--index-dir", str(idx), "--nprobe", "1"])

@@ -176,11 +176,11 @@ def windows_like(monkeypatch):
 
 
 def test_whole_cycle_without_linux_only_calls(tmp_path, mvtec_root, windows_like):
-    from patchsearch.data import Geometry, train_images
+    from patchsearch.data import train_images
     from patchsearch.pipeline import build, rebuild
 
     root = tmp_path / "idx" / "widget"
-    build(train_images(mvtec_root, "widget"), root, category="widget", geometry=Geometry(64, 64),
+    build(train_images(mvtec_root, "widget"), root, category="widget", resize=64,
           coreset_ratio=0.25, batch_size=4)
     first = PatchIndex.load(root)
     q = first.bank[:20][None] + np.float32(0.01)
