@@ -263,7 +263,7 @@ def _unique(path: Path, taken: set) -> Path:
 def calibrate(category, index_dir, good, defect, target_fpr, margin, pick, min_region_area, batch_size):
     """Re-fit CATEGORY's image and pixel thresholds from new good frames."""
     from .data import list_images
-    from .pipeline import calibrate as run_calibrate
+    from .calibrate import calibrate as run_calibrate
 
     index = run_calibrate(index_dir / category, list_images(good), defects=list_images(defect) if defect else None,
                           target_fpr=target_fpr, margin=margin, min_region_area=min_region_area, pick=pick,

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .calibrate import CALIBRATION_FRACTION, fit_calibration, split_calibration
 from .coreset import PROJECTION_DIM, check_ratio, kcenter_greedy
 from .data import BIT_DEPTHS
 from .errors import InputError
@@ -30,8 +31,6 @@ from .store import ImageRecord, PatchStore, PatchStoreWriter, StoreArray
 from .versions import new_version, open_version, tidy
 
 Log = Callable[[str], None]
-CALIBRATION_FRACTION = 0.1  # of train/good held aside for the threshold when there is no validation/good
-MIN_CALIBRATION = 5
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -147,70 +146,6 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
     return built
 
 
-def split_calibration(image_paths: list[Path], calibration_images, fraction: float, seed: int):
-    """(training frames, held-aside calibration frames).
-
-    Given ``calibration_images``, all ``image_paths`` train. Else a seeded
-    ``fraction`` of them (at least 5, at most half; none below 4 frames) is held aside.
-    """
-    if calibration_images:
-        return image_paths, [Path(p) for p in calibration_images]
-    if not 0.0 <= fraction < 1.0:
-        raise InputError(f"--calibration-fraction must be in [0, 1), got {fraction}")
-    n = len(image_paths)
-    count = 0 if fraction == 0 or n < 4 else min(n // 2, max(MIN_CALIBRATION, round(fraction * n)))
-    held = set(np.random.default_rng(seed).choice(n, count, replace=False).tolist()) if count else set()
-    return [p for i, p in enumerate(image_paths) if i not in held], [p for i, p in enumerate(image_paths) if i in held]
-
-
-def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source: str,
-                    target_fpr: float | None = None, margin: float | None = None, min_region_area: int = 0,
-                    batch_size: int = 16, defects: Sequence[Path] | None = None, pick: str = "fpr") -> dict:
-    """Score good frames (and optionally defect frames) and fit the thresholds.
-
-    Args:
-        good: good frames, none of them in the memory bank.
-        defects: defect frames: their scores give the F1-optimal image threshold
-            (reported; used when ``pick="f1"``).
-
-    Returns:
-        the manifest's ``calibration`` record: {"image", "pixel" (each
-        :func:`~patchsearch.calibrate.fit_threshold`'s dict), "min_region_area",
-        "source", "images" (paths relative to ``root``), "scores", "f1_optimal"}.
-
-    Raises:
-        InputError: an unreadable frame, too few frames, ``pick="f1"`` without defects.
-    """
-    from .calibrate import MARGIN, TARGET_FPR, f1_optimal_threshold, fit_pixel_threshold, fit_threshold
-    from .query import query
-
-    if pick not in ("fpr", "f1") or (pick == "f1" and not defects):
-        raise InputError("--pick f1 needs --defect frames" if pick == "f1" else f"--pick must be fpr or f1, got {pick}")
-    target_fpr = TARGET_FPR if target_fpr is None else target_fpr
-    margin = MARGIN if margin is None else margin
-    res = query(index, good, batch_size=batch_size, regions=False)
-    if res.errors:
-        raise InputError(f"calibration image {next(iter(res.errors.values()))}")
-    out = {"image": fit_threshold(res.image_scores, target_fpr, margin),
-           "pixel": fit_pixel_threshold(res.anomaly_maps, target_fpr, margin),
-           "min_region_area": int(min_region_area), "source": source,
-           "images": [_relative(p, root) for p in good], "scores": [round(float(s), 6) for s in res.image_scores]}
-    if defects:
-        bad = query(index, defects, batch_size=batch_size, maps=False)
-        if bad.errors:
-            raise InputError(f"defect image {next(iter(bad.errors.values()))}")
-        out["f1_optimal"] = f1_optimal_threshold(res.image_scores, bad.image_scores)
-        if pick == "f1":
-            out["image"] = {**out["image"], "threshold": out["f1_optimal"]["threshold"],
-                            "rule": "F1-optimal on labelled good and defect frames"}
-    return out
-
-
-def _relative(path: Path, root: Path) -> str:
-    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
-    return (path.relative_to(root) if path.is_relative_to(root) else path).as_posix()
-
-
 def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None, seed: int | None = None,
             shards: int | None = None, index: str | None = None, index_params: dict | None = None,
             progress: bool = False, log: Log = lambda msg: None) -> PatchIndex:
@@ -297,44 +232,3 @@ def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: 
     if index == "ivfpq":
         log(f"IVF-PQ {built.params}")
     return built
-
-
-def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Sequence[Path] | None = None,
-              target_fpr: float | None = None, margin: float | None = None, min_region_area: int | None = None,
-              pick: str = "fpr", batch_size: int = 16, log: Log = lambda msg: None) -> PatchIndex:
-    """Re-fit an index's thresholds from new good frames (and optionally defect frames),
-    installing a new version that shares every other file with the current one.
-
-    Args:
-        good: good frames (not in the memory bank: frames from the line, a validation set).
-        defects: defect frames, for the F1-optimal threshold (reported; used with ``pick="f1"``).
-        target_fpr, margin: the rule of :func:`patchsearch.calibrate.fit_threshold`.
-        min_region_area: smallest reported defect region (frame pixels) [as before].
-
-    Raises:
-        InputError: unreadable frames, too few good frames, bad options.
-        IndexFormatError: no index.
-    """
-    from .format import write_manifest
-
-    index_dir = Path(index_dir)
-    index = PatchIndex.load(index_dir)
-    try:
-        old = (index.manifest.calibration or {}).get("min_region_area", 0)
-        root = Path(os.path.commonpath([Path(os.path.abspath(p)).parent for p in good]))
-        cal = fit_calibration(index, [Path(p) for p in good], root, f"patchsearch calibrate ({len(good)} good frames)",
-                              target_fpr, margin, old if min_region_area is None else min_region_area, batch_size,
-                              defects, pick)
-        with new_version(index_dir) as tmp:
-            for name in index.manifest.files:
-                try:
-                    os.link(index.directory / name, tmp / name)
-                except OSError:
-                    shutil.copyfile(index.directory / name, tmp / name)
-            index.manifest.calibration = cal
-            write_manifest(tmp, index.manifest)
-    finally:
-        index.close()
-    tidy(index_dir)
-    log(f"image threshold {cal['image']['threshold']:.4f}, pixel threshold {cal['pixel']['threshold']:.4f} (L2)")
-    return PatchIndex.load(index_dir)

@@ -24,7 +24,7 @@ def defect_regions(amap, threshold: float, min_area: int = 0,
 
     Args:
         amap: float (H, W) anomaly map (PatchCore: L2 distance per pixel).
-        threshold: pixel threshold in map units (``calibrate.fit_pixel_threshold``);
+        threshold: pixel threshold in map units (``thresholds.fit_pixel_threshold``);
             a pixel belongs to a region when its value is >= threshold.
         min_area: regions with a smaller area (frame pixels, see below) are dropped.
         scale: (sx, sy) frame pixels per map pixel, i.e. (frame_W / map_W,

@@ -55,7 +55,7 @@ class SearchResult:
         be judged (unreadable, NaN or infinite score): never "OK" then. None when uncalibrated."""
         if self.threshold is None:
             return None
-        from .calibrate import decide
+        from .thresholds import decide
 
         out = decide(self.image_scores, self.threshold)
         out[list(self.errors)] = "ERROR"

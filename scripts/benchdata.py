@@ -52,14 +52,15 @@ def _embed(images: list[torch.Tensor]) -> np.ndarray:
 
 def augmented_patches(n: int) -> np.ndarray:
     """n real 152-d patch embeddings of augmented bottle training images (cached)."""
-    from patchsearch.data import Geometry, load_image, train_images
+    from patchsearch.data import load_image, train_images
+    from patchsearch.geometry import crop_geometry
 
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"bottle_aug_{n}.npy"
     if path.is_file():
         return np.load(path, mmap_mode="r")
-    g = Geometry()
-    base = [g.image_tensor(load_image(p)) for p in train_images(data_root(), "bottle")]
+    g = crop_geometry()  # the paper's 224 crop, as the README's search benchmarks
+    base = [g.frame_tensor(load_image(p))[0] for p in train_images(data_root(), "bottle")]
     rng = np.random.default_rng(0)
     out, have, aug = [], 0, 0
     while have < n:
@@ -81,13 +82,14 @@ def augmented_patches(n: int) -> np.ndarray:
 
 def test_patches(n_images: int = 4) -> np.ndarray:
     """(n_images, 784, 152) embeddings of bottle test images, half defective, half good."""
-    from patchsearch.data import Geometry, load_image
+    from patchsearch.data import load_image
+    from patchsearch.geometry import crop_geometry
 
     test = data_root() / "bottle" / "test"
     paths = sorted((test / "broken_large").glob("*.png"))[: n_images // 2] + \
         sorted((test / "good").glob("*.png"))[: n_images - n_images // 2]
-    g = Geometry()
-    return _embed([g.image_tensor(load_image(p)) for p in paths]).reshape(n_images, -1, 152)
+    g = crop_geometry()  # the paper's 224 crop, as the README's search benchmarks
+    return _embed([g.frame_tensor(load_image(p))[0] for p in paths]).reshape(n_images, -1, 152)
 
 
 def lift(x: np.ndarray, d: int, seed: int = 0, chunk: int = 65536, path: Path | None = None) -> np.ndarray:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from patchsearch.calibrate import (decide, f1_optimal_threshold, fit_pixel_threshold, fit_threshold,
+from patchsearch.thresholds import (decide, f1_optimal_threshold, fit_pixel_threshold, fit_threshold,
                                    normalized_score)
 from patchsearch.errors import InputError
 
