@@ -149,3 +149,17 @@ def test_bad_input():
         PatchIndex.from_embeddings(_bank(20, 4), shards=21)
     with pytest.raises(IndexFormatError, match="records no backbone"):
         index.query(["x.png"])
+
+
+def test_import_and_search_without_torch():
+    """``import patchsearch`` and searching embeddings load neither torch nor torchvision."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, patchsearch\n"
+            "index = patchsearch.PatchIndex.from_embeddings(np.random.rand(500, 16).astype('f4'), shards=2)\n"
+            "res = index.search(np.random.rand(2, 10, 16).astype('f4'))\n"
+            "assert np.isfinite(res.image_scores).all()\n"
+            "assert 'torch' not in sys.modules and 'torchvision' not in sys.modules, 'torch imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
