@@ -88,10 +88,6 @@ class Geometry:
         tile: side of the square tiles in input pixels, or None (no tiling; frame mode only).
         tile_overlap: minimum overlap of neighbouring tiles, pixels.
         stride: frame-mode input sizes and tile sizes / starts are multiples of it.
-        rotate: frame mode: a frame whose orientation (portrait / landscape) is not the
-            input's is turned 90 degrees counter-clockwise before resizing, and its map
-            turned back, so that it is not squashed (chosen when the training frames have
-            both orientations). Square frames and square inputs are never turned.
 
     Raises InputError on inconsistent or non-positive values (the message names them).
     """
@@ -103,7 +99,6 @@ class Geometry:
     tile: int | None = None
     tile_overlap: int = TILE_OVERLAP
     stride: int = STRIDE
-    rotate: bool = False
 
     def __post_init__(self):
         _check(self.mode in MODES, f"geometry mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -129,8 +124,6 @@ class Geometry:
                                       f"(raise --resize or lower --tile)")
             _check(overlap <= tile - stride, f"--tile-overlap {overlap} is too large for --tile {tile}: "
                                              f"at most tile - stride = {tile - stride}")
-        _check(not (self.rotate and self.mode == "crop"), "crop mode does not turn frames")
-        object.__setattr__(self, "rotate", bool(self.rotate))
         for name in ("resize", "crop", "tile", "tile_overlap", "stride"):  # numpy ints -> JSON-safe ints
             value = getattr(self, name)
             object.__setattr__(self, name, None if value is None else _whole(name, value, 0))
@@ -152,12 +145,6 @@ class Geometry:
         _check(set(d) <= set(cls.__dataclass_fields__) and {"input_size", "resize"} <= set(d),
                f"geometry dict has unknown keys or lacks input_size/resize: {d}")
         return cls(**d)
-
-    def turns(self, frame_size) -> bool:
-        """True when a frame of ``frame_size`` (w, h) is turned 90 degrees before resizing (``rotate``)."""
-        w, h = frame_size
-        H, W = self.input_size
-        return self.rotate and H != W and w != h and (w > h) != (W > H)
 
     def tile_boxes(self) -> list[tuple[int, int, int, int]]:
         """Tiles as (top, left, bottom, right) input pixels, row-major (tile index = row * ncols + col).
@@ -191,14 +178,10 @@ class Geometry:
         import torch
         from torchvision.transforms import v2
 
-        from PIL import Image
-
         from .data import IMAGENET_MEAN, IMAGENET_STD
 
         if img.mode != "RGB":
             img = img.convert("RGB")
-        if self.turns(img.size):
-            img = img.transpose(Image.Transpose.ROTATE_90)
         t = self._fit(v2.functional.pil_to_tensor(img), v2.InterpolationMode.BILINEAR)
         t = v2.functional.normalize(v2.functional.to_dtype(t, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
         return torch.stack([t[:, top:bottom, left:right] for top, left, bottom, right in self.tile_boxes()])
@@ -272,13 +255,9 @@ class Geometry:
         _check(abs(GH * W / H - GW) <= 1,
                f"score grid {GH}x{GW} does not have the aspect of the input {H}x{W} (stitch tile grids first)")
         maps = anomaly_maps(g.reshape(-1, GH, GW), (H, W), sigma)
-        turned = self.turns((w, h))
-        fh, fw = (w, h) if turned else (h, w)  # the frame as it was fed, turned or not
-        if self.mode == "frame" and (fh, fw) != (H, W):
-            t = F.interpolate(torch.from_numpy(maps)[:, None], size=(fh, fw), mode="bilinear", align_corners=False)
+        if self.mode == "frame" and (h, w) != (H, W):
+            t = F.interpolate(torch.from_numpy(maps)[:, None], size=(h, w), mode="bilinear", align_corners=False)
             maps = t[:, 0].numpy()
-        if turned:  # undo PIL's counter-clockwise ROTATE_90
-            maps = np.ascontiguousarray(np.rot90(maps, k=-1, axes=(1, 2)))
         return maps[0] if g.ndim == 2 else maps
 
     def eval_mask(self, mask_img, frame_size) -> np.ndarray:
@@ -340,9 +319,7 @@ def choose_geometry(frame_sizes, resize: int = 256, crop: int | None = None, til
     """One backbone input size for a category, from its training frames.
 
     ``frame_sizes``: (width, height) of each training frame. With ``crop``: crop mode
-    (:func:`crop_geometry`; frame sizes unused). Else frame mode: ratio = median of w / h
-    (where the frames have both orientations, of the frames turned to the majority's, and
-    the others are turned at run time: ``rotate``);
+    (:func:`crop_geometry`; frame sizes unused). Else frame mode: ratio = median of w / h;
     the shorter input side is ``resize`` and the longer ``resize * ratio`` (or ``/ ratio``),
     both rounded to the nearest multiple of ``stride`` (at least ``stride``). ``tile``,
     ``tile_overlap``: see :class:`Geometry`; ``resize`` is then the shorter side of the whole
@@ -358,10 +335,7 @@ def choose_geometry(frame_sizes, resize: int = 256, crop: int | None = None, til
     sizes = [_frame_size(s) for s in frame_sizes]
     _check(bool(sizes), "choose_geometry needs the size of at least one training frame")
     ratio = statistics.median(w / h for w, h in sizes)
-    rotate = any(w > h for w, h in sizes) and any(w < h for w, h in sizes)
-    if rotate:  # both orientations: the median of the frames turned to the majority's
-        ratio = statistics.median(max(w / h, h / w) if ratio >= 1 else min(w / h, h / w) for w, h in sizes)
     short = max(stride, _nearest(resize, stride))
     long = max(stride, _nearest(short * max(ratio, 1 / ratio), stride))
     size = (short, long) if ratio >= 1 else (long, short)
-    return Geometry("frame", size, short, None, tile, tile_overlap, stride, rotate and size[0] != size[1])
+    return Geometry("frame", size, short, None, tile, tile_overlap, stride)

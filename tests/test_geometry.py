@@ -70,10 +70,8 @@ def test_choose_non_square_frames():
     # 256 / 0.75 = 341.3 -> nearest multiple of 16 is 336
     assert portrait.input_size == (336, 256)
     # median of w/h (0.5, 0.75, 0.8, 2.0, 3.0) = 0.8 -> height 320; the mean (1.41) would give landscape
-    # both orientations: the landscape frames are turned (w/h 0.5, 0.33), median of
-    # (0.5, 0.75, 0.8, 0.5, 0.33) = 0.5 -> height 512
     mixed = choose_geometry([(100, 200), (300, 400), (400, 500), (400, 200), (600, 200)])
-    assert mixed.input_size == (512, 256) and mixed.rotate
+    assert mixed.input_size == (320, 256)
     # shorter side rounded to the stride too, at least one stride
     assert choose_geometry([(300, 300)], resize=250).input_size == (256, 256)
     assert choose_geometry([(1000, 10)], resize=8).input_size == (16, 1600)
@@ -266,24 +264,3 @@ def test_tiled_real_embedder_stitches_to_grid_shape():
     np.testing.assert_array_equal(grid[:, 28:], emb[1][:, 8:])      # right of the overlap: tile 1
     scores = g.stitch(np.linalg.norm(emb, axis=-1))
     assert g.frame_map(scores, (384, 224)).shape == (224, 384)
-
-
-def test_frames_of_the_other_orientation_are_turned_not_squashed():
-    # training frames of both orientations: the input takes the majority's, the others are turned
-    g = choose_geometry([(64, 128), (60, 128), (128, 64)], resize=32)
-    assert g.input_size == (64, 32) and g.rotate
-    assert g.turns((128, 64)) and not g.turns((64, 128)) and not g.turns((100, 100))
-    assert not choose_geometry([(64, 128), (60, 128)], resize=32).rotate  # one orientation: nothing to turn
-    # a bright square at frame pixels x 100..115, y 8..23 of a landscape frame ...
-    frame = np.zeros((64, 128, 3), np.uint8)
-    frame[8:24, 100:116] = 255
-    t = g.frame_tensor(Image.fromarray(frame))[0].mean(0)  # (64, 32), turned and resized
-    gy, gx = (t > t.mean()).nonzero().float().mean(0).tolist()  # where the backbone sees it
-    grid = np.zeros((8, 4), np.float32)
-    grid[int(gy // 8), int(gx // 8)] = 1.0  # ... scored there ...
-    amap = g.frame_map(grid, (128, 64), sigma=0)
-    assert amap.shape == (64, 128)
-    y, x = np.unravel_index(int(amap.argmax()), amap.shape)
-    assert abs(x - 108) <= 16 and abs(y - 16) <= 16  # ... lands on it in the frame (one 16-px cell), turned back
-    d = g.to_dict()
-    assert d["rotate"] is True and Geometry.from_dict(d) == g
