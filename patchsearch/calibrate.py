@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import InputError
 from .index import PatchIndex
+from .store import relative_path
 from .versions import new_version, tidy
 
 CALIBRATION_FRACTION = 0.1  # of train/good held aside when the category has no validation/good
@@ -72,7 +73,7 @@ def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source:
     out = {"image": fit_threshold(res.image_scores, target_fpr, margin),
            "pixel": fit_pixel_threshold(res.anomaly_maps, target_fpr, margin),
            "min_region_area": int(min_region_area), "source": source,
-           "images": [_relative(p, root) for p in good], "scores": [round(float(s), 6) for s in res.image_scores]}
+           "images": [relative_path(p, root) for p in good], "scores": [round(float(s), 6) for s in res.image_scores]}
     if defects:
         bad = query(index, defects, batch_size=batch_size, maps=False)
         if bad.errors:
@@ -82,11 +83,6 @@ def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source:
             out["image"] = {**out["image"], "threshold": out["f1_optimal"]["threshold"],
                             "rule": "F1-optimal on labelled good and defect frames"}
     return out
-
-
-def _relative(path: Path, root: Path) -> str:
-    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
-    return (path.relative_to(root) if path.is_relative_to(root) else path).as_posix()
 
 
 def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Sequence[Path] | None = None,

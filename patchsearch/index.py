@@ -158,9 +158,9 @@ class PatchIndex:
             check_sizes(base, man)
             images = None
             if man.store and man.store.get("files"):
-                from .store import PatchStore
+                from .store import read_image_paths
 
-                images = PatchStore(base, partitions=man.store.get("partitions")).image_paths()
+                images = read_image_paths(base, man.store.get("partitions"))
             bank = read_bank(base / man.memory_bank["file"], images)
             dim = man.embedding_dim
             if bank.embeddings.shape != (man.memory_bank["size"], dim):

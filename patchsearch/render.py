@@ -18,15 +18,15 @@ All writes are atomic: a temporary file in the target folder, then ``os.replace`
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
 
 from .errors import InputError
+from .files import atomic_write
 
 # (v = amap / threshold, RGB); the last stop moves to vmax / threshold.
 _STOPS = ((0.5, (0, 0, 128)), (0.65, (0, 90, 255)), (0.75, (0, 220, 255)),
@@ -117,18 +117,10 @@ def overlay(image_rgb, amap, pixel_threshold: float, regions=None, alpha: float 
 
 
 def _atomic_write(path, write) -> None:
-    """Call write(binary file) on a temporary file beside ``path``, then move it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Call write(binary file) on an in-memory buffer, then :func:`patchsearch.files.atomic_write` it."""
+    buf = io.BytesIO()
+    write(buf)
+    atomic_write(path, buf.getvalue())
 
 
 def save_png(path, image_rgb) -> None:

@@ -99,15 +99,20 @@ class ImageRecord:
         Raises:
             InputError: the file cannot be read or is not an image (the message names it).
         """
-        path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+        path = Path(os.path.abspath(path))
         try:
             digest, size = sha256(path), path.stat().st_size
             with Image.open(path) as img:
                 width, height = img.size
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise InputError(f"{path}: cannot read image ({exc})") from None
-        name = path.relative_to(root) if path.is_relative_to(root) else path
-        return cls(name.as_posix(), size, digest, height, width)
+        return cls(relative_path(path, root), size, digest, height, width)
+
+
+def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` in POSIX form (its absolute POSIX form if not below ``root``)."""
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    return (path.relative_to(root) if path.is_relative_to(root) else path).as_posix()
 
 
 class PatchStoreWriter:
@@ -336,6 +341,25 @@ class PatchStore:
     def image_paths(self) -> list[str]:
         """Image paths in image id order: image ``i`` is at ``i - first_image_id``."""
         return self._images["path"].to_pylist()
+
+
+def read_image_paths(directory: str | os.PathLike, partitions: Sequence[int] | None = None) -> list[str]:
+    """Training image paths by image id, read from the image files alone (a version-1 store:
+    from its patch file), without opening the patch files.
+
+    Raises:
+        IndexFormatError: as :class:`PatchStore`.
+    """
+    directory = Path(directory)
+    if partitions is None:
+        partitions = sorted(int(m.group(1)) for m in map(_PARTITION.fullmatch, os.listdir(directory)) if m)
+    if not partitions:
+        return PatchStore(directory).image_paths()
+    paths = []
+    for p in partitions:
+        batches, dim = _open_ipc(directory / partition_files(int(p))[0], image_schema)
+        paths += pa.Table.from_batches(batches, image_schema(dim))["path"].to_pylist()
+    return paths
 
 
 class StoreArray:

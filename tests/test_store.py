@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from patchsearch.errors import IndexFormatError, InputError
-from patchsearch.store import ImageRecord, PatchStore, PatchStoreWriter, StoreArray, image_schema
+from patchsearch.store import ImageRecord, PatchStore, PatchStoreWriter, StoreArray, image_schema, read_image_paths
 
 DIM = 5
 SIZES = [(16, 20), (17, 21), (18, 22), (19, 23)]  # (height, width) of the test frames
@@ -71,6 +71,10 @@ def test_round_trip_over_two_partitions(tmp_path):
     np.testing.assert_array_equal(last.embeddings(), expect[36:])
     assert last.locations([5])["image_id"].tolist() == [3] and last.image_paths() == ["train/003.png"]
     assert PatchStore(directory, partitions=[0]).num_patches == 36
+    # the image paths alone, without opening the patch files (a damaged patch file is not read)
+    (directory / "patches-00000.arrow").write_bytes(b"damaged")
+    assert read_image_paths(directory) == [f"train/{i:03d}.png" for i in range(4)]
+    assert read_image_paths(directory, [1]) == ["train/003.png"]
 
 
 def test_image_record(tmp_path):
@@ -171,6 +175,7 @@ def test_version_1_store(tmp_path):
         assert images.schema.equals(image_schema(DIM))
         assert images["sha256"].to_pylist() == [None] * 3 and images["size"].to_pylist() == [-1] * 3
         assert images["height"].to_pylist() == images["width"].to_pylist() == [-1] * 3
+    assert read_image_paths(tmp_path) == ["/data/a.png", "/data/b.png", "/data/c.png"]
 
 
 def test_damaged_stores(tmp_path):
