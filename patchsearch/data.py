@@ -13,6 +13,7 @@ depth, by a fixed rule per camera) and batches them.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,24 +178,51 @@ def load_image(path: str | os.PathLike, bit_depth: int | None = None) -> Image.I
     try:
         if path.stat().st_size == 0:
             raise InputError(f"{path}: empty file (0 bytes)")
-        with Image.open(path) as img:
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    return _decode(path, str(path), bit_depth)
+
+
+def decode_image(data: bytes, bit_depth: int | None = None, name: str = "image") -> Image.Image:
+    """Decode image bytes (a file's content, e.g. an HTTP request body) to 8-bit RGB,
+    exactly as :func:`load_image` decodes the same bytes from a file.
+
+    Args:
+        data: the encoded image (PNG, JPEG, BMP, TIFF, ...).
+        bit_depth: see :func:`load_image`.
+        name: what error messages call the image.
+
+    Raises:
+        InputError: empty, truncated, undecodable, too small or too large image (the
+            same checks and messages as :func:`load_image`, naming ``name``).
+    """
+    if not data:
+        raise InputError(f"{name}: empty file (0 bytes)")
+    return _decode(io.BytesIO(data), name, bit_depth)
+
+
+def _decode(source, name: str, bit_depth: int | None) -> Image.Image:
+    """Open, check the size from the header, decode and convert ``source`` (a path or a
+    binary file object); errors are InputError naming ``name``."""
+    try:
+        with Image.open(source) as img:
             width, height = img.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise InputError(f"{path}: image is {width}x{height}, larger than the {MAX_IMAGE_PIXELS} pixel limit")
+                raise InputError(f"{name}: image is {width}x{height}, larger than the {MAX_IMAGE_PIXELS} pixel limit")
             if min(width, height) < MIN_IMAGE_SIDE:
-                raise InputError(f"{path}: image is {width}x{height}, smaller than {MIN_IMAGE_SIDE} pixels a side")
+                raise InputError(f"{name}: image is {width}x{height}, smaller than {MIN_IMAGE_SIDE} pixels a side")
             img.load()
             return _to_rgb(img, bit_depth)
     except InputError:
         raise
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
+        raise InputError(f"{name}: no such file") from None
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{path}: image larger than the {MAX_IMAGE_PIXELS} pixel limit ({exc})") from None
+        raise InputError(f"{name}: image larger than the {MAX_IMAGE_PIXELS} pixel limit ({exc})") from None
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not a readable image (unknown or corrupt format)") from None
+        raise InputError(f"{name}: not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{path}: cannot decode image ({exc})") from None
+        raise InputError(f"{name}: cannot decode image ({exc})") from None
 
 
 BIT_DEPTHS = (8, 10, 12, 16)

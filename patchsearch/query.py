@@ -20,12 +20,26 @@ from .result import SearchResult
 from .score import SIGMA, anomaly_maps
 
 
-def embedder_for(index: PatchIndex, weights: str | None = None):
-    """The :class:`~patchsearch.features.PatchEmbedder` ``index`` was built with (cached).
+def embedder_key(index: PatchIndex) -> tuple | None:
+    """What identifies the embedder ``index`` needs: (backbone name, layers, weights source,
+    weights SHA-256, reduced dimension or None); None for an index without a backbone.
+    Indexes with equal keys can share one embedder (and one backbone batch)."""
+    bb = index.manifest.backbone
+    if not bb:
+        return None
+    weights = bb.get("weights") or {}
+    return (bb["name"], tuple(bb["layers"]), weights.get("source"), weights.get("sha256"),
+            bb["embed_dim"] if bb.get("reduced") else None)
+
+
+def embedder_for(index: PatchIndex, weights: str | None = None, cache: dict | None = None):
+    """The :class:`~patchsearch.features.PatchEmbedder` ``index`` was built with (cached on it).
 
     Args:
         weights: the state-dict file, for an index built with ``--weights`` (the
             manifest records its name and SHA-256, not a path on the build machine).
+        cache: optional {:func:`embedder_key`: embedder} shared by several indexes (a
+            service holding many categories loads each backbone once); filled here.
 
     Raises:
         IndexFormatError: the index records no backbone, its weights file is needed and
@@ -44,13 +58,18 @@ def embedder_for(index: PatchIndex, weights: str | None = None):
     if str(recorded.get("source", "")).startswith("file:") and weights is None:
         raise IndexFormatError(f"the index was built with the weights file {recorded['source'][5:]} "
                                f"(SHA-256 {recorded.get('sha256')}): pass --weights PATH to that file")
-    emb = PatchEmbedder(bb["name"], bb["layers"], weights, bb["embed_dim"] if bb.get("reduced") else None)
+    key = embedder_key(index)
+    emb = cache.get(key) if cache is not None else None
+    if emb is None:
+        emb = PatchEmbedder(bb["name"], bb["layers"], weights, bb["embed_dim"] if bb.get("reduced") else None)
     if emb.dim != index.dim:
         raise IndexFormatError(f"backbone {bb['name']} gives {emb.dim}-d embeddings, index holds {index.dim}-d")
     if recorded.get("sha256") and emb.weights_id.get("sha256") and recorded["sha256"] != emb.weights_id["sha256"]:
         raise IndexFormatError(f"the weights of {bb['name']} ({emb.weights_id['source']}) differ from "
                                f"those the index was built with ({recorded.get('source')})")
     index._embedder = emb
+    if cache is not None:
+        cache[key] = emb
     return emb
 
 
@@ -77,7 +96,7 @@ def iter_query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: in
 
     from .data import iter_batches
 
-    image_t, pixel_t, min_area = thresholds_of(index, threshold)
+    image_t, pixel_t, _ = thresholds_of(index, threshold)
     embedder_for(index, weights)  # fail before reading any frame if the index cannot embed
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
@@ -98,13 +117,41 @@ def iter_query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: in
         n = len(batch.good) + len(batch.errors)
         part = None
         if batch.tensor is not None:
-            part = _search_tensor(index, batch.tensor, k, b, weights, tiles=len(batch.tensor) // len(batch.good))
-            if maps:
-                _frame_maps(part, geometry, batch.frame_sizes, sigma, pixel_t if regions else None, min_area)
+            emb = embedder_for(index, weights)(batch.tensor).numpy()
+            part = judge(index, emb, batch.frame_sizes, k, b, maps, sigma, threshold, regions)
         result = _expand(part, [i - first for i in batch.good], n, {i - first: e for i, e in batch.errors.items()},
                          [str(p) for p in paths[first:first + n]], k, maps)
         result.threshold, result.pixel_threshold = image_t, pixel_t
         yield result
+
+
+def judge(index: PatchIndex, embeddings: np.ndarray, frame_sizes, k: int = K, b: int = B, maps: bool = True,
+          sigma: float = SIGMA, threshold: float | None = None, regions: bool = True) -> SearchResult:
+    """Search and judge N frames already embedded (what :func:`iter_query` does after the backbone).
+
+    Args:
+        embeddings: float32 (N * T, h, w, d) patch embeddings of the frames' T tiles each
+            (frame-major), as the index's embedder returns them for
+            ``geometry_of(index).frame_tensor(frame)`` stacked.
+        frame_sizes: (width, height) of each of the N original frames, pixels.
+        k, b, maps, sigma, threshold, regions: see :func:`query`.
+
+    Returns:
+        :class:`SearchResult` of the N frames with ``threshold``/``pixel_threshold`` set
+        (hence decisions), and with ``maps`` their anomaly maps and regions.
+
+    Raises:
+        InputError: wrong shapes or dimension, NaN/inf embeddings, k beyond the memory bank.
+    """
+    image_t, pixel_t, min_area = thresholds_of(index, threshold)
+    n = len(frame_sizes)
+    if n == 0 or len(embeddings) % n:
+        raise InputError(f"{len(embeddings)} tile embeddings do not divide into {n} frames")
+    part = _search_embeddings(index, np.asarray(embeddings), k, b, tiles=len(embeddings) // n)
+    if maps:
+        _frame_maps(part, geometry_of(index), list(frame_sizes), sigma, pixel_t if regions else None, min_area)
+    part.threshold, part.pixel_threshold = image_t, pixel_t
+    return part
 
 
 def query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 16, maps: bool = True,
@@ -152,7 +199,11 @@ def query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 1
 
 def _search_tensor(index: PatchIndex, batch, k: int, b: int, weights, tiles: int = 1) -> SearchResult:
     """Embed (B * tiles, 3, th, tw) and search each frame's tiles together as one image."""
-    emb = embedder_for(index, weights)(batch).numpy()  # (B * T, h, w, d)
+    return _search_embeddings(index, embedder_for(index, weights)(batch).numpy(), k, b, tiles)
+
+
+def _search_embeddings(index: PatchIndex, emb: np.ndarray, k: int, b: int, tiles: int = 1) -> SearchResult:
+    """Search (B * tiles, h, w, d) embeddings, each frame's tiles together as one image."""
     n, h, w, d = emb.shape
     result = index.search(emb.reshape(n // tiles, tiles * h * w, d), k, b)
     result.grid, result.tiles = (h, w), tiles

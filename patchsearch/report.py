@@ -53,13 +53,31 @@ def write_maps(index: PatchIndex, part: SearchResult, i: int, png: Path, raw: Pa
     scale by the largest value of the map instead (said in the file name: ``_relative``).
     """
     from .data import load_image
-    from .query import geometry_of
-    from .render import overlay, save_png, write_raw_map
+    from .render import save_png, write_raw_map
 
-    frame = np.asarray(load_image(part.paths[i]))
-    amap = part.anomaly_maps[i]
     if raw is not None:
-        write_raw_map(raw, amap)
+        write_raw_map(raw, part.anomaly_maps[i])
+    save_png(png, heatmap(index, part, i, np.asarray(load_image(part.paths[i]))))
+
+
+def heatmap(index: PatchIndex, part: SearchResult, i: int, frame) -> np.ndarray:
+    """Image ``i``'s heatmap over its frame: uint8 (H, W, 3) RGB, the frame's size.
+
+    Args:
+        frame: uint8 (H, W, 3) RGB of the frame as decoded (:func:`patchsearch.data.load_image`
+            or :func:`~patchsearch.data.decode_image`).
+
+    The colour scale is fixed by the calibrated pixel threshold (see :mod:`patchsearch.render`);
+    uncalibrated indexes scale by the largest value of the map instead.
+
+    Raises:
+        InputError: the map holds NaN (an unreadable frame has no heatmap).
+    """
+    from .query import geometry_of
+    from .render import overlay
+
+    frame = np.asarray(frame)
+    amap = part.anomaly_maps[i]
     geometry = geometry_of(index)
     h, w = frame.shape[:2]
     left, top, right, bottom = (int(round(v)) for v in geometry.crop_box(w, h))
@@ -70,4 +88,38 @@ def write_maps(index: PatchIndex, part: SearchResult, i: int, png: Path, raw: Pa
     full = np.zeros((h, w), np.float32)
     full[top:bottom, left:right] = amap
     threshold = part.pixel_threshold or max(float(np.nanmax(amap)), 1e-12)
-    save_png(png, overlay(frame, full, threshold, part.regions[i] if part.regions is not None else None))
+    return overlay(frame, full, threshold, part.regions[i] if part.regions is not None else None)
+
+
+def patch_box(geometry, grid, frame_size, tile: int, row: int, col: int, context: int = 1) -> tuple[int, int, int, int]:
+    """Where a patch of the patch grid lies on its frame: (left, top, right, bottom) frame
+    pixels, right/bottom exclusive, clipped to the frame.
+
+    Args:
+        geometry: the category's :class:`~patchsearch.geometry.Geometry`.
+        grid: (gh, gw) patch grid of one tile (the manifest's ``grid``).
+        frame_size: (width, height) of the frame, pixels.
+        tile, row, col: the patch (as in a memory-bank location or ``top_patch``).
+        context: cells added on each side; 1 (default) gives the 3 x 3 neighbourhood whose
+            features the patch embedding averages (PatchCore's local aggregation).
+
+    Raises:
+        InputError: tile, row or col outside the grid.
+    """
+    from .errors import InputError
+
+    boxes = geometry.tile_boxes()
+    gh, gw = (int(v) for v in grid)
+    if not (0 <= tile < len(boxes) and 0 <= row < gh and 0 <= col < gw):
+        raise InputError(f"patch (tile {tile}, row {row}, col {col}) is outside the {len(boxes)} tiles of {gh}x{gw}")
+    top, left, bottom, right = boxes[tile]
+    fy, fx = (bottom - top) / gh, (right - left) / gw
+    H, W = geometry.input_size
+    y0, y1 = max(0.0, top + (row - context) * fy), min(float(H), top + (row + 1 + context) * fy)
+    x0, x1 = max(0.0, left + (col - context) * fx), min(float(W), left + (col + 1 + context) * fx)
+    w, h = frame_size
+    if geometry.mode == "frame":  # input pixels -> map (= frame) pixels
+        x0, x1, y0, y1 = x0 * w / W, x1 * w / W, y0 * h / H, y1 * h / H
+    (fx0, fx1), (fy0, fy1) = geometry.map_to_frame_xy([x0, x1], [y0, y1], (w, h))
+    return (max(0, int(math.floor(fx0))), max(0, int(math.floor(fy0))),
+            min(int(w), int(math.ceil(fx1))), min(int(h), int(math.ceil(fy1))))
