@@ -329,3 +329,42 @@ def verify(category, index_dir):
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@_index_dir_option
+@_data_root_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (loopback unless told otherwise)")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="backbone device: cpu, cuda, cuda:N")
+@click.option("--token", default=None, envvar="PATCHSEARCH_TOKEN", show_envvar=True,
+              help="bearer token required on every endpoint but /healthz")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=32.0, show_default=True,
+              help="largest request body, MiB")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="frames per backbone batch (1 = no dynamic batching)")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="how long a batch waits for more frames after its first, ms")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="frames waiting at most; beyond: 503 with Retry-After")
+@click.option("--poll", "poll_s", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="seconds between checks of each category's CURRENT (hot reload)")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+@_friendly
+def serve(index_dir, data_root, host, port, device, token, max_body_mb, max_batch, max_wait_ms, max_queue, poll_s,
+          log_level):
+    """Serve every category under --index-dir over HTTP (needs the 'serve' extra).
+
+    POST /v1/categories/<category>/inspect with a frame; GET / for the page; see the README.
+    """
+    try:
+        from .service.app import Settings
+        from .service.run import serve as run_serve
+    except ImportError as exc:
+        raise InputError(f"patchsearch serve needs its extra: pip install 'patchsearch[serve]' ({exc})") from None
+    if not index_dir.is_dir():
+        raise InputError(f"--index-dir {index_dir} does not exist")
+    run_serve(Settings(index_dir=index_dir, data_root=_data_root(data_root), device=device, token=token or None,
+                       max_body_mb=max_body_mb, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                       poll_s=poll_s), host, port, log_level)
