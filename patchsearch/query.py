@@ -148,9 +148,31 @@ def judge(index: PatchIndex, embeddings: np.ndarray, frame_sizes, k: int = K, b:
     if n == 0 or len(embeddings) % n:
         raise InputError(f"{len(embeddings)} tile embeddings do not divide into {n} frames")
     part = _search_embeddings(index, np.asarray(embeddings), k, b, tiles=len(embeddings) // n)
-    if maps:
-        _frame_maps(part, geometry_of(index), list(frame_sizes), sigma, pixel_t if regions else None, min_area)
     part.threshold, part.pixel_threshold = image_t, pixel_t
+    if maps:
+        add_maps(index, part, frame_sizes, sigma, regions)
+    return part
+
+
+def add_maps(index: PatchIndex, part: SearchResult, frame_sizes, sigma: float = SIGMA,
+             regions: bool = True) -> SearchResult:
+    """Anomaly maps (and, with a pixel threshold, defect regions) of frames already searched.
+
+    :func:`judge` with ``maps=False`` followed by this equals :func:`judge`: the service
+    searches a batch in one call and draws each frame's map in its own request thread.
+
+    Args:
+        part: :class:`SearchResult` of N frames from :func:`judge` (``grid`` and ``tiles``
+            set; ``pixel_threshold`` as it left it). Filled in place.
+        frame_sizes: (width, height) of each of the N original frames, pixels.
+        sigma, regions: see :func:`query`.
+
+    Returns:
+        ``part``, with ``anomaly_maps`` (and ``regions`` when it has a pixel threshold).
+    """
+    _, _, min_area = thresholds_of(index)
+    pixel_t = part.pixel_threshold if regions else None
+    _frame_maps(part, geometry_of(index), list(frame_sizes), sigma, pixel_t, min_area)
     return part
 
 

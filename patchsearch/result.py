@@ -66,6 +66,17 @@ class SearchResult:
         """float64 (N,): image score / threshold (1.0 at the threshold), or None when uncalibrated."""
         return None if self.threshold is None else np.asarray(self.image_scores, np.float64) / self.threshold
 
+    def frame(self, i: int) -> "SearchResult":
+        """Image ``i`` alone, as a result of one image (arrays sliced, not copied; maps and
+        regions only if already computed)."""
+        return SearchResult(
+            self.distances[i:i + 1], self.locations[i:i + 1], self.image_scores[i:i + 1],
+            self.top_patches[i:i + 1], grid=self.grid, tiles=self.tiles,
+            anomaly_maps=None if self.anomaly_maps is None else self.anomaly_maps[i:i + 1],
+            paths=None if self.paths is None else self.paths[i:i + 1],
+            errors={0: self.errors[i]} if i in self.errors else {}, threshold=self.threshold,
+            pixel_threshold=self.pixel_threshold, regions=None if self.regions is None else self.regions[i:i + 1])
+
     def top_patch(self, i: int) -> dict:
         """{"tile", "row", "col"} of image i's top patch (on its tile's patch grid)."""
         h, w = self.grid or (1, len(self.distances[i]))

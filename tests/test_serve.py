@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -29,7 +30,7 @@ from patchsearch import PatchIndex
 from patchsearch.batcher import Batcher, Overloaded
 from patchsearch.data import decode_image, load_image, train_images
 from patchsearch.pipeline import build
-from patchsearch.query import geometry_of, query
+from patchsearch.query import add_maps, embedder_for, geometry_of, judge, query
 from patchsearch.report import patch_box
 from patchsearch.service import registry as registry_module
 from patchsearch.service.app import Settings, create_app
@@ -100,6 +101,27 @@ def test_inspect_answers_what_the_library_answers(site, client):
     assert [r.json()["decision"] for r in got] == ["OK", "NG"] and got[1].json()["name"] == "blob.png"
     heat = Image.open(io.BytesIO(base64.b64decode(got[1].json()["heatmap_png"])))
     assert heat.size == (64, 64) and "heatmap_png" not in got[0].json()
+    index.close()
+
+
+def test_maps_drawn_per_frame_after_a_batched_search_equal_judge(site):
+    """The service searches a batch without maps, then each request draws its own frame's
+    map and regions (query.add_maps on SearchResult.frame): the same as judge with maps."""
+    root, idx = site
+    index = PatchIndex.load(idx / "widget")
+    frames = [load_image(root / "widget/test/good/000.png"), load_image(root / "widget/test/blob/000.png")]
+    geometry = geometry_of(index)
+    emb = embedder_for(index)(torch.cat([geometry.frame_tensor(f) for f in frames])).numpy()
+    sizes = [f.size for f in frames]
+    whole = judge(index, emb, sizes)
+    searched = judge(index, emb, sizes, maps=False)
+    assert searched.anomaly_maps is None and searched.regions is None
+    for i in range(len(frames)):
+        one = add_maps(index, searched.frame(i), [sizes[i]])
+        assert np.array_equal(one.anomaly_maps[0], whole.anomaly_maps[i])
+        assert one.regions[0] == whole.regions[i] and one.decisions[0] == whole.decisions[i]
+        assert np.array_equal(one.distances[0], whole.distances[i])
+    assert whole.regions[1] and not whole.regions[0]  # the blob frame has a region, the good one none
     index.close()
 
 

@@ -160,8 +160,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
                 raise ApiError(503, "overloaded", f"overloaded: {exc}; retry shortly", {"Retry-After": "1"}) from None
             loaded.acquire()  # the batch holds the version until it is done, even if the client leaves
             future.add_done_callback(lambda _: loaded.release())
-            part, pos = await asyncio.wrap_future(future)
-            body = await run_in_threadpool(_answer, loaded, part, pos, frame, name, heatmap == "png")
+            part = await asyncio.wrap_future(future)
+            body = await run_in_threadpool(_answer, loaded, part, frame, name, heatmap == "png")
             telemetry.inspections.labels(category, body["decision"] or "uncalibrated").inc()
             return JSONResponse(body)
         finally:
@@ -232,9 +232,14 @@ def _prepare(loaded: Loaded, data: bytes, name: str):
     return frame, loaded.geometry.frame_tensor(frame)
 
 
-def _answer(loaded: Loaded, part, pos: int, frame, name: str, heatmap: bool) -> dict:
+def _answer(loaded: Loaded, part, frame, name: str, heatmap: bool) -> dict:
+    """The JSON answer for one searched frame: its anomaly map and regions are drawn here,
+    in the request's thread (:func:`patchsearch.query.add_maps`)."""
+    from ..query import add_maps
     from ..report import heatmap as render_heatmap, record
 
+    pos = 0
+    add_maps(loaded.index, part, [frame.size])
     body = record(loaded.index, part, pos)
     body.pop("path", None)
     body.update(category=loaded.category, version=loaded.version, name=name or None,

@@ -219,7 +219,7 @@ class Registry:
     # inference ----------------------------------------------------------------------------
     def submit(self, loaded: Loaded, tensor, frame_size: tuple[int, int]):
         """Queue one frame (its (T, 3, th, tw) input tensor and (width, height)) for ``loaded``;
-        returns a future of (SearchResult, position of the frame in it).
+        returns a future of the frame's :class:`SearchResult` (one image, without its anomaly map).
 
         Raises:
             Overloaded: the batcher's queue is full.
@@ -239,7 +239,9 @@ class Registry:
 
 def _run_batch(jobs) -> None:
     """One backbone call for the frames of ``jobs`` (same embedder and input size), then one
-    search per index; completes every job's future with (SearchResult, position)."""
+    search per index; completes every job's future with its frame's SearchResult (no maps:
+    each request thread draws its own map and regions, so that work runs in parallel
+    rather than in this one worker)."""
     import torch
 
     first = jobs[0].payload[0]
@@ -255,10 +257,10 @@ def _run_batch(jobs) -> None:
         loaded = jobs[members[0]].payload[0]
         try:
             part = judge(loaded.index, np.concatenate([emb[starts[n]:starts[n + 1]] for n in members]),
-                         [jobs[n].payload[2] for n in members])
+                         [jobs[n].payload[2] for n in members], maps=False)
         except Exception as exc:  # noqa: BLE001 - fails these frames only
             for n in members:
                 jobs[n].future.set_exception(exc)
             continue
         for pos, n in enumerate(members):
-            jobs[n].future.set_result((part, pos))
+            jobs[n].future.set_result(part.frame(pos))
