@@ -126,10 +126,15 @@ def main(debug):
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="image-decoding worker processes")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="embed on a Ray cluster: the running one (no ADDRESS, or auto), 'local', or HOST:PORT "
+                   "(the [ray] extra; the index dir must be on storage every node mounts)")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+              help="Ray embedding actors [one per GPU, else one per CPU of the cluster]")
 @_friendly
 def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, resize, crop, tile, tile_overlap,
           bit_depth, calibration_fraction, target_fpr, margin, min_region_area, coreset_ratio, seed, shards,
-          index_type, nlist, pq_m, pq_bits, nprobe, rerank, batch_size, workers):
+          index_type, nlist, pq_m, pq_bits, nprobe, rerank, batch_size, workers, ray_address, ray_workers):
     """Build the memory-bank index of CATEGORY from its train/good images, and calibrate it."""
     from .data import train_images, validation_images
     from .pipeline import build as run_build
@@ -144,7 +149,9 @@ def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, 
                       target_fpr=target_fpr, margin=margin, min_region_area=min_region_area,
                       coreset_ratio=coreset_ratio, seed=seed, shards=shards,
                       index=index_type or "flat", index_params=_index_params(nlist, pq_m, pq_bits, nprobe, rerank),
-                      batch_size=batch_size, workers=workers, progress=sys.stderr.isatty(),
+                      batch_size=batch_size, workers=workers, ray_address=ray_address,
+                      ray_options=None if ray_workers is None else {"num_workers": ray_workers},
+                      progress=sys.stderr.isatty(),
                       log=lambda m: click.echo(m, err=True))
     click.echo(_summary(index))
 

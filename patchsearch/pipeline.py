@@ -49,8 +49,8 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
           seed: int = 0, shards: int = 1, index: str = "flat", index_params: dict | None = None,
           calibration_images: Sequence[Path] | None = None, calibration_fraction: float = CALIBRATION_FRACTION,
           target_fpr: float | None = None, margin: float | None = None, min_region_area: int = 0,
-          batch_size: int = 16, workers: int = 0, progress: bool = False,
-          log: Log = lambda msg: None) -> PatchIndex:
+          batch_size: int = 16, workers: int = 0, ray_address: str | None = None, ray_options: dict | None = None,
+          progress: bool = False, log: Log = lambda msg: None) -> PatchIndex:
     """Build a PatchCore memory-bank index from defect-free images, with a calibrated threshold.
 
     Writes a new version of ``out_dir``: the Arrow patch store of every raw patch
@@ -78,6 +78,14 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
             and the smallest defect region reported (frame pixels).
         batch_size: frames per backbone batch (bounds memory).
         workers: image-decoding worker processes (0 = in the main process).
+        ray_address: embed on a Ray cluster instead (``"auto"``: the running one, ``"local"``:
+            start one here, or ``host:port``; the ``[ray]`` extra): a pool of actors, one backbone
+            each, writes the store as one partition per fixed chunk of frames
+            (:func:`patchsearch.distributed.embed.embed_store`); store rows and memory bank equal
+            this machine's build with the same seed. ``out_dir`` must be on a filesystem every
+            node mounts.
+        ray_options: keyword arguments of :func:`~patchsearch.distributed.embed.embed_store`
+            (``num_workers``, ``chunk_images``, ``max_restarts``, ``max_task_retries``, ``on_partition``).
 
     Returns:
         The built :class:`PatchIndex` (``path`` = ``out_dir``).
@@ -85,8 +93,9 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
     Raises:
         InputError: no image, an unreadable training image, bad options.
         WeightsUnavailableError: backbone weights cannot be loaded.
+        patchsearch.distributed.DistributedError: Ray missing, or a Ray worker died past its retries.
     """
-    from .data import frame_size, iter_batches
+    from .data import frame_size
     from .features import DEFAULT_BACKBONE, PatchEmbedder
     from .geometry import TILE_OVERLAP, choose_geometry
 
@@ -108,19 +117,19 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
     with new_version(out_dir) as tmp:
         t0 = time.perf_counter()
         tiles = len(geometry.tile_boxes())
-        with PatchStoreWriter(tmp, embedder.dim) as writer:
-            nbatches = (len(train) + batch_size - 1) // batch_size
-            for batch in _progress(iter_batches(train, geometry, batch_size, workers, bit_depth), nbatches,
-                                   "embed", progress):
-                if batch.errors:
-                    raise InputError(f"training image {next(iter(batch.errors.values()))}")
-                emb = embedder(batch.tensor).numpy()
-                grid = [int(emb.shape[1]), int(emb.shape[2])]
-                emb = emb.reshape(len(batch.good), tiles, *emb.shape[1:]) if tiles > 1 else emb
-                writer.write([ImageRecord.from_file(train[i], root) for i in batch.good], emb,
-                             tiles=tiles if tiles > 1 else None)
+        if ray_address is not None:  # a pool of Ray actors writes one partition per chunk of frames
+            from .distributed.embed import embed_store
+
+            num_images, num_patches, grid = embed_store(
+                ray_address, tmp, train, root, geometry, embedder.dim, dict(backbone=backbone or DEFAULT_BACKBONE,
+                layers=layers, weights=weights, embed_dim=embed_dim), batch_size, bit_depth, log=log,
+                **(ray_options or {}))
+        else:
+            with PatchStoreWriter(tmp, embedder.dim) as writer:
+                grid = embed_frames(writer, embedder, train, root, geometry, batch_size, workers, bit_depth, progress)
+            num_images, num_patches = writer.num_images, writer.num_patches
         timings["extract"] = time.perf_counter() - t0
-        log(f"embedded {writer.num_images} images -> {writer.num_patches} patches of dim {embedder.dim} "
+        log(f"embedded {num_images} images -> {num_patches} patches of dim {embedder.dim} "
             f"in {timings['extract']:.1f} s (input {geometry.input_size[1]}x{geometry.input_size[0]}, "
             f"{geometry.mode}{f', {tiles} tiles' if tiles > 1 else ''})")
         meta = {"category": category, "backbone": embedder.describe(), "geometry": geometry.to_dict(),
@@ -144,6 +153,29 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
     built.path = Path(out_dir)
     log(f"index written to {out_dir}")
     return built
+
+
+def embed_frames(writer: PatchStoreWriter, embedder, paths: Sequence[Path], root: Path, geometry, batch_size: int,
+                 workers: int = 0, bit_depth: int | None = None, progress: bool = False) -> list[int]:
+    """Embed training frames batch by batch into ``writer`` (one record batch per batch of
+    ``batch_size`` frames); returns the feature grid [h, w].
+
+    Raises:
+        InputError: an unreadable training frame.
+    """
+    from .data import iter_batches
+
+    tiles, grid = len(geometry.tile_boxes()), None
+    nbatches = (len(paths) + batch_size - 1) // batch_size
+    for batch in _progress(iter_batches(paths, geometry, batch_size, workers, bit_depth), nbatches, "embed", progress):
+        if batch.errors:
+            raise InputError(f"training image {next(iter(batch.errors.values()))}")
+        emb = embedder(batch.tensor.to(next(embedder.parameters()).device)).cpu().numpy()
+        grid = [int(emb.shape[1]), int(emb.shape[2])]
+        emb = emb.reshape(len(batch.good), tiles, *emb.shape[1:]) if tiles > 1 else emb
+        writer.write([ImageRecord.from_file(paths[i], root) for i in batch.good], emb,
+                     tiles=tiles if tiles > 1 else None)
+    return grid
 
 
 def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None, seed: int | None = None,
