@@ -160,6 +160,7 @@ def test_import_and_search_without_torch():
             "index = patchsearch.PatchIndex.from_embeddings(np.random.rand(500, 16).astype('f4'), shards=2)\n"
             "res = index.search(np.random.rand(2, 10, 16).astype('f4'))\n"
             "assert np.isfinite(res.image_scores).all()\n"
-            "assert 'torch' not in sys.modules and 'torchvision' not in sys.modules, 'torch imported'\n")
+            "assert 'torch' not in sys.modules and 'torchvision' not in sys.modules, 'torch imported'\n"
+            "assert 'ray' not in sys.modules, 'ray imported'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -1,0 +1,213 @@
+"""patchsearch on a real local Ray cluster of two node processes (loopback only): distributed
+build equal to the local one, sharded search over shard actors equal to the local one, and
+killed workers / shard actors (the [ray] extra; skipped without Ray)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO, make_mvtec
+
+ray = pytest.importorskip("ray")
+
+from patchsearch import PatchIndex  # noqa: E402
+from patchsearch.cli import main  # noqa: E402
+from patchsearch.pipeline import build  # noqa: E402
+from patchsearch.store import PatchStore  # noqa: E402
+from patchsearch.versions import current_version  # noqa: E402
+
+KW = dict(category="widget", resize=64, coreset_ratio=0.25, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node and a second node, one CPU each, on 127.0.0.1; this process is the driver."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = make_mvtec(tmp_path_factory.mktemp("data") / "mvtec", n_train=16)
+    return root, sorted((root / "widget/train/good").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def local(data, tmp_path_factory):
+    """The single-machine build, torch on 1 thread like each 1-CPU Ray worker."""
+    import torch
+
+    root, paths = data
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("local") / "widget"
+        index = build(paths, out, data_root=root / "widget", **KW)
+    finally:
+        torch.set_num_threads(threads)
+    index.close()
+    return out
+
+
+def _same_build(a, b):
+    """Store rows (in partition order), image table, memory bank and support sets identical."""
+    va, vb = (p / current_version(p) for p in (a, b))
+    sa, sb = PatchStore(va), PatchStore(vb)
+    assert sa.num_patches == sb.num_patches and sa.num_images == sb.num_images
+    assert np.array_equal(sa.embeddings(), sb.embeddings())
+    rows = np.arange(sa.num_patches)
+    for k, v in sa.locations(rows).items():
+        assert np.array_equal(v, sb.locations(rows)[k]), k
+    assert sa.images().drop(["size"]).equals(sb.images().drop(["size"]))
+    ia, ib = PatchIndex.load(a), PatchIndex.load(b)
+    try:
+        assert np.array_equal(ia.bank, ib.bank) and np.array_equal(ia.support, ib.support)
+        assert ia.manifest.calibration["image"]["threshold"] == ib.manifest.calibration["image"]["threshold"]
+    finally:
+        ia.close(), ib.close()
+    return sb
+
+
+def test_ray_build_equals_local_build(cluster, data, local, tmp_path):
+    root, paths = data
+    seen = []
+    out = tmp_path / "widget"
+    build(paths, out, data_root=root / "widget", ray_address=cluster.address, **KW,
+          ray_options={"chunk_images": 2, "num_workers": 2, "on_partition": seen.append})
+    store = _same_build(local, out)
+    assert len(store.files) == 2 * 6  # 11 training frames in partitions of 2
+    assert sorted(i["partition"] for i in seen) == list(range(6))
+    assert len({i["pid"] for i in seen}) == 2  # both workers (one per node) embedded
+
+
+def test_cli_build_ray(cluster, data, local, tmp_path):
+    root, _ = data
+    r = CliRunner().invoke(main, ["build", "--category", "widget", "--data-root", str(root), "--index-dir",
+                                  str(tmp_path), "--resize", "64", "--coreset-ratio", "0.25", "--batch-size", "2",
+                                  "--ray", cluster.address, "--ray-workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert "on 1 Ray workers" in r.output
+    _same_build(local, tmp_path / "widget")
+
+
+def _killer(signals):
+    """on_partition callback: SIGKILL the worker process that finished the first partition
+    (it has been handed its next chunk already)."""
+    def on_partition(info):
+        signals.append(info)
+        if len(signals) == 1:
+            os.kill(info["pid"], signal.SIGKILL)
+    return on_partition
+
+
+def test_killed_worker_is_restarted_and_its_chunk_retried(cluster, data, local, tmp_path):
+    root, paths = data
+    seen = []
+    out = tmp_path / "widget"
+    build(paths, out, data_root=root / "widget", ray_address=cluster.address, **KW,
+          ray_options={"chunk_images": 2, "num_workers": 2, "max_restarts": 1, "max_task_retries": 1,
+                       "on_partition": _killer(seen)})
+    assert len({i["pid"] for i in seen}) == 3  # the restarted worker is a new process
+    _same_build(local, out)
+
+
+def test_killed_worker_past_retries_leaves_current_version(cluster, data, local, tmp_path):
+    from patchsearch.distributed import DistributedError
+
+    root, paths = data
+    out = tmp_path / "widget"
+    before = PatchIndex.load(local)
+    bank = np.array(before.bank)
+    before.close()
+    import shutil
+
+    shutil.copytree(local, out)
+    with pytest.raises(DistributedError, match="died.*current version is unchanged"):
+        build(paths, out, data_root=root / "widget", ray_address=cluster.address, **KW,
+              ray_options={"chunk_images": 2, "num_workers": 2, "max_restarts": 0, "max_task_retries": 0,
+                           "on_partition": _killer([])})
+    assert (out / "CURRENT").read_text().strip() == "v000001" and current_version(out) == "v000001"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("v")) == ["v000001"]
+    after = PatchIndex.load(out)
+    assert np.array_equal(after.bank, bank) and after.version == "v000001"
+    after.close()
+
+
+@pytest.fixture(scope="module", params=["flat", "ivfpq"])
+def served(request, tmp_path_factory):
+    """A 2-shard index of random embeddings saved to disk, and queries."""
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((3000, 32)).astype(np.float32)
+    index = PatchIndex.from_embeddings(bank, shards=2, index=request.param, exact="faiss", gpu=False,
+                                       **({"nlist": 16, "pq_m": 8} if request.param == "ivfpq" else {}))
+    path = tmp_path_factory.mktemp(request.param) / "idx"
+    index.save(path)
+    return path, rng.standard_normal((5, 40, 32)).astype(np.float32)
+
+
+def test_remote_shards_equal_local_search(cluster, served):
+    from patchsearch.distributed.shards import RemotePatchIndex
+
+    path, patches = served
+    local = PatchIndex.load(path, gpu=False, exact="faiss")
+    remote = RemotePatchIndex(path, address=cluster.address)
+    try:
+        assert len({ray.get(a.node.remote()) for a in remote.shards}) == 2  # one shard actor per node
+        assert not isinstance(remote.bank, np.ndarray)  # the bank stays with the actors
+        q = patches.reshape(-1, 32)
+        dl, rl = local.knn(q, 9)
+        dr, rr = remote.knn(q, 9)
+        assert np.array_equal(rl, rr) and np.array_equal(dl, dr)
+        assert np.array_equal(local.support_sets(rl[:, 0]), remote.support_sets(rr[:, 0]))
+        a, b = local.search(patches), remote.search(patches)
+        assert np.array_equal(a.image_scores, b.image_scores) and np.array_equal(a.locations, b.locations)
+        assert np.array_equal(remote.bank[rr[:3]], local.bank[rl[:3]])
+        assert remote.describe_locations(rr[0, :2]) == local.describe_locations(rl[0, :2])
+    finally:
+        remote.close(), local.close()
+
+
+def test_killed_shard_actor_restarts_from_its_file(cluster, served):
+    from patchsearch.distributed.shards import RemotePatchIndex, ShardUnavailableError
+
+    path, patches = served
+    q = patches.reshape(-1, 32)
+    local = PatchIndex.load(path, gpu=False, exact="faiss")
+    want = local.knn(q, 9)
+    remote = RemotePatchIndex(path, address=cluster.address)
+    try:
+        old = ray.get(remote.shards[1].pid.remote())
+        os.kill(old, signal.SIGKILL)
+        answers, errors, deadline = 0, 0, time.monotonic() + 60
+        while answers < 3 and time.monotonic() < deadline:
+            try:
+                got = remote.knn(q, 9)
+            except ShardUnavailableError as exc:
+                assert "shard 1 (rows 1500..2999) died" in str(exc) and "retry" in str(exc)
+                errors += 1
+                continue
+            assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])  # never a wrong answer
+            answers += 1
+        assert answers == 3
+        assert ray.get(remote.shards[1].pid.remote()) != old  # restarted in a new process
+    finally:
+        remote.close(), local.close()
+
+
+def test_import_patchsearch_imports_no_ray():
+    code = ("import sys, patchsearch, patchsearch.cli, patchsearch.pipeline, patchsearch.query, patchsearch.index\n"
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
