@@ -158,3 +158,13 @@ def test_bottle_end_to_end(tmp_path, bottle_root):
     print("bottle, crop 224:", {k: res[k] for k in ("image_auroc", "pixel_auroc", "aupro", "at_threshold")})
     assert res["counts"]["pixels"] == 83 * 224 * 224
     assert res["image_auroc"] >= 0.995 and res["pixel_auroc"] >= 0.980
+
+
+def test_build_ray_without_ray_installed_is_one_line(monkeypatch, tmp_path, mvtec_root):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    r = CliRunner().invoke(main, ["build", "--category", "widget", "--data-root", str(mvtec_root), "--index-dir",
+                                  str(tmp_path), *SMALL, "--ray"])
+    assert r.exit_code == 1 and "Ray is not installed: pip install 'patchsearch[ray]'" in r.output, r.output
+    assert not (tmp_path / "widget" / "CURRENT").exists()

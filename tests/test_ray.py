@@ -232,3 +232,18 @@ def test_composable_coreset(cluster, local):
     assert covering_radius(emb, got) <= 2 * exact  # measured here: 19.59 vs 20.28
     assert np.array_equal(composable_kcenter(version, 1.0, parts=2, address=cluster.address), np.arange(704)[
         np.concatenate([kcenter_greedy(emb[:352], 1.0), 352 + kcenter_greedy(emb[352:], 1.0)])])
+
+
+def test_remote_query_of_frames_equals_local(cluster, data, local):
+    from patchsearch.distributed.shards import RemotePatchIndex
+
+    root, _ = data
+    frames = sorted((root / "widget/test").rglob("*.png"))
+    a = PatchIndex.load(local, gpu=False, exact="faiss")
+    b = RemotePatchIndex(local, address=cluster.address)
+    try:
+        ra, rb = a.query(frames), b.query(frames)
+        assert np.array_equal(ra.image_scores, rb.image_scores) and np.array_equal(ra.locations, rb.locations)
+        assert np.array_equal(ra.distances, rb.distances)
+    finally:
+        a.close(), b.close()

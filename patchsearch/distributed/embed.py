@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -57,7 +58,8 @@ class EmbedWorker:
         """Write partition ``partition`` of the store in ``directory`` from ``paths``.
 
         Returns:
-            {"partition", "num_images", "num_patches", "grid", "dim", "pid", "node"}.
+            {"partition", "num_images", "num_patches", "grid", "dim", "seconds" (decode, embed, write),
+            "pid", "node"}.
 
         Raises:
             InputError: ``directory`` not visible on this node (not a shared filesystem), an
@@ -71,6 +73,7 @@ class EmbedWorker:
         if not directory.is_dir():
             raise InputError(f"{directory}: not found on Ray node {socket.gethostname()}: the index directory "
                              f"must be on a filesystem every node of the cluster mounts")
+        t0 = time.perf_counter()
         for name in partition_files(partition):  # left by an attempt whose actor died
             for leftover in (directory / name, directory / f"{name}.partial"):
                 leftover.unlink(missing_ok=True)
@@ -78,7 +81,8 @@ class EmbedWorker:
             grid = embed_frames(writer, self.embedder, [Path(p) for p in paths], Path(root), geometry, batch_size,
                                 0, bit_depth)
         return {"partition": partition, "num_images": writer.num_images, "num_patches": writer.num_patches,
-                "grid": grid, "dim": self.embedder.dim, "pid": os.getpid(), "node": socket.gethostname()}
+                "grid": grid, "dim": self.embedder.dim, "seconds": time.perf_counter() - t0, "pid": os.getpid(),
+                "node": socket.gethostname()}
 
     def pid(self) -> int:
         return os.getpid()

@@ -57,8 +57,9 @@ class ShardActor:
         self.searcher = ShardedSearcher([index])
         self.is_ivf = self.searcher.is_ivf
         if self.is_ivf:
-            ivf = faiss().try_extract_index_ivf(self.searcher.index)
-            ivf.nprobe = int(nprobe or man.index["params"]["nprobe"])
+            for placed in self.searcher.placed:  # as IVFPQSearcher.set_nprobe (CPU or GPU shard)
+                ivf = faiss().try_extract_index_ivf(placed)
+                (ivf if ivf is not None else placed).nprobe = int(nprobe or man.index["params"]["nprobe"])
         bank = read_bank(base / man.memory_bank["file"])  # memory-mapped: only this range is read
         self.rows = np.array(bank.embeddings[self.start:self.stop])
         self.support = None if bank.support is None else np.array(bank.support[self.start:self.stop])
