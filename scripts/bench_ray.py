@@ -10,11 +10,12 @@
    (:mod:`patchsearch.distributed.coreset`) on that store: covering radius (L2, full
    152-d embeddings) and their ratio.
 
-    python scripts/bench_ray.py
+    python scripts/bench_ray.py [--chunk 64] [--throughput-only]
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,10 @@ def main():
 
     from patchsearch.distributed.coreset import composable_kcenter
 
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chunk", type=int, default=64, help="frames per partition (the build's default: 64)")
+    ap.add_argument("--throughput-only", action="store_true", help="steps 1 and 2 only")
+    args = ap.parse_args()
     root = benchdata.data_root()
     train = train_images(root, "bottle")
     rows, results = [], {}
@@ -57,7 +62,8 @@ def main():
             parts = []
             out = tmp / f"ray{workers}" / "bottle"
             index = build(train, out, category="bottle", data_root=root / "bottle", ray_address="auto",
-                          ray_options={"num_workers": workers, "on_partition": parts.append})
+                          ray_options={"num_workers": workers, "chunk_images": args.chunk,
+                                       "on_partition": parts.append})
             t = index.manifest.timings["extract"]
             n = index.manifest.store["num_images"]
             inside = sum(p["num_images"] for p in parts) / sum(p["seconds"] for p in parts)
@@ -65,11 +71,15 @@ def main():
                         f"{n / t:.1f} | {inside:.1f} |")
             index.close()
             results[f"ray{workers}"] = out
-        print("Embedding stage, bottle (%d training frames, 256 x 256 input, efficientnet_lite0):\n" % n)
+        print(f"Embedding stage, bottle ({n} training frames, 256 x 256 input, efficientnet_lite0, "
+              f"{len(parts)} partitions of {args.chunk}):\n")
         print("| embedding on | stage seconds (incl. starting workers) | images/s | images/s per worker, "
               "inside the worker |")
         print("|---|---|---|---|")
         print("\n".join(rows))
+        if args.throughput_only:
+            ray.shutdown()
+            return
 
         a, b = (results[k] / current_version(results[k]) for k in ("local1", "ray2"))
         sa, sb = PatchStore(a), PatchStore(b)
