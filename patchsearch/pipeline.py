@@ -85,7 +85,8 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
             this machine's build with the same seed. ``out_dir`` must be on a filesystem every
             node mounts.
         ray_options: keyword arguments of :func:`~patchsearch.distributed.embed.embed_store`
-            (``num_workers``, ``chunk_images``, ``max_restarts``, ``max_task_retries``, ``on_partition``).
+            (``num_workers``, ``cpus_per_worker``, ``chunk_images``, ``max_restarts``, ``max_task_retries``,
+            ``on_partition``).
 
     Returns:
         The built :class:`PatchIndex` (``path`` = ``out_dir``).
