@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from patchsearch.versions import current_version
 
 
 def main():
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the local nodes bind 127.0.0.1 only
     import ray
 
     from patchsearch.distributed.coreset import composable_kcenter

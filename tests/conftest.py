@@ -9,6 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Ray (tests/test_ray.py) binds its nodes to loopback, not to this host's interface
+# address: tests talk to 127.0.0.1 only. Read by Ray at import, inherited by its node
+# processes, so it is set before any test module imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MVTEC = Path(os.environ.get("PATCHSEARCH_TEST_DATA", REPO.parent / "shared" / "data" / "mvtec_ad"))
 

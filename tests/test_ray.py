@@ -28,13 +28,16 @@ KW = dict(category="widget", resize=64, coreset_ratio=0.25, batch_size=2)
 @pytest.fixture(scope="module")
 def cluster():
     """A head node and a second node (two raylet processes), one CPU each, on this host; this
-    process is the driver. (Ray binds the host's own address; nothing leaves the host.)"""
+    process is the driver. Every node is bound to 127.0.0.1 (conftest sets
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, so Ray uses the loopback address)."""
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     c.add_node(num_cpus=1)
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
+    assert c.address.startswith("127.0.0.1:")
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}, "Ray nodes must bind loopback only"
     yield c
     ray.shutdown()
     c.shutdown()
