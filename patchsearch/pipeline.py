@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .calibrate import CALIBRATION_FRACTION, fit_calibration, split_calibration
-from .coreset import PROJECTION_DIM, check_ratio, kcenter_greedy
+from .coreset import PROJECTION_DIM, check_ratio, kcenter_greedy, radius_space
 from .data import BIT_DEPTHS
 from .errors import InputError
 from .format import read_manifest
@@ -86,7 +86,7 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
         InputError: no image, an unreadable training image, bad options.
         WeightsUnavailableError: backbone weights cannot be loaded.
     """
-    from .data import frame_size, iter_batches
+    from .data import frame_size
     from .features import DEFAULT_BACKBONE, PatchEmbedder
     from .geometry import TILE_OVERLAP, choose_geometry
 
@@ -109,16 +109,7 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
         t0 = time.perf_counter()
         tiles = len(geometry.tile_boxes())
         with PatchStoreWriter(tmp, embedder.dim) as writer:
-            nbatches = (len(train) + batch_size - 1) // batch_size
-            for batch in _progress(iter_batches(train, geometry, batch_size, workers, bit_depth), nbatches,
-                                   "embed", progress):
-                if batch.errors:
-                    raise InputError(f"training image {next(iter(batch.errors.values()))}")
-                emb = embedder(batch.tensor).numpy()
-                grid = [int(emb.shape[1]), int(emb.shape[2])]
-                emb = emb.reshape(len(batch.good), tiles, *emb.shape[1:]) if tiles > 1 else emb
-                writer.write([ImageRecord.from_file(train[i], root) for i in batch.good], emb,
-                             tiles=tiles if tiles > 1 else None)
+            grid = embed_frames(writer, train, embedder, geometry, root, batch_size, workers, bit_depth, progress)
         timings["extract"] = time.perf_counter() - t0
         log(f"embedded {writer.num_images} images -> {writer.num_patches} patches of dim {embedder.dim} "
             f"in {timings['extract']:.1f} s (input {geometry.input_size[1]}x{geometry.input_size[0]}, "
@@ -144,6 +135,43 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
     built.path = Path(out_dir)
     log(f"index written to {out_dir}")
     return built
+
+
+def embed_frames(writer: PatchStoreWriter, paths: Sequence[Path], embedder, geometry, root: Path,
+                 batch_size: int = 16, workers: int = 0, bit_depth: int | None = None, progress: bool = False,
+                 what: str = "training image") -> list[int]:
+    """Decode, embed and write frames into a patch-store partition (build, and ``patchsearch add``).
+
+    Args:
+        writer: the open :class:`~patchsearch.store.PatchStoreWriter` of the partition.
+        paths: the frames, written in this order (image ids from ``writer.next_image_id`` on).
+        embedder: the :class:`~patchsearch.features.PatchEmbedder`.
+        geometry: the :class:`~patchsearch.geometry.Geometry` (frames of another size are resized).
+        root: frame paths are recorded relative to it.
+        bit_depth: camera bit depth (:func:`~patchsearch.data.load_image`).
+        what: how an unreadable frame is named in the error.
+
+    Returns:
+        the patch grid [h, w] of one tile.
+
+    Raises:
+        InputError: an unreadable frame (the message names it).
+    """
+    from .data import iter_batches
+
+    tiles = len(geometry.tile_boxes())
+    grid = None
+    nbatches = (len(paths) + batch_size - 1) // batch_size
+    for batch in _progress(iter_batches(paths, geometry, batch_size, workers, bit_depth), nbatches,
+                           "embed", progress):
+        if batch.errors:
+            raise InputError(f"{what} {next(iter(batch.errors.values()))}")
+        emb = embedder(batch.tensor).numpy()
+        grid = [int(emb.shape[1]), int(emb.shape[2])]
+        emb = emb.reshape(len(batch.good), tiles, *emb.shape[1:]) if tiles > 1 else emb
+        writer.write([ImageRecord.from_file(paths[i], root) for i in batch.good], emb,
+                     tiles=tiles if tiles > 1 else None)
+    return grid
 
 
 def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None, seed: int | None = None,
@@ -204,7 +232,8 @@ def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: 
     """
     store = PatchStore(directory, partitions=(meta.get("store") or {}).get("partitions"))
     t0 = time.perf_counter()
-    selected = kcenter_greedy(StoreArray(store), coreset_ratio, seed=seed, progress=progress)
+    selected, radius = kcenter_greedy(StoreArray(store), coreset_ratio, seed=seed, progress=progress,
+                                      return_radius=True)
     timings["coreset"] = time.perf_counter() - t0
     log(f"coreset: {len(selected)} of {store.num_patches} patches in {timings['coreset']:.1f} s")
 
@@ -212,7 +241,8 @@ def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: 
     sources = {"store_row": selected, **store.locations(selected)}
     meta = {**meta,
             "coreset": {"ratio": coreset_ratio, "seed": seed, "projection_dim": PROJECTION_DIM,
-                        "method": "greedy k-center"},
+                        "method": "greedy k-center", "radius": radius,
+                        "radius_space": radius_space(store.dim)},
             "store": {**(meta.get("store") or {}), "files": list(store.files), "num_patches": store.num_patches,
                       "num_images": store.num_images,
                       "partitions": sorted(int(f[8:13]) for f in store.files if f.startswith("patches-")) or None},
