@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import os
 import shutil
 import time
@@ -95,7 +96,7 @@ def cover(bank: np.ndarray, candidates: np.ndarray, radius: float) -> tuple[np.n
         i = int(active[np.argmax(min_sq[active])])
         picked.append(i)
         diff = wide[active] - wide[i]
-        np.minimum(min_sq[active], np.einsum("ij,ij->i", diff, diff), out=min_sq[active])
+        min_sq[active] = np.minimum(min_sq[active], np.einsum("ij,ij->i", diff, diff))
         min_sq[i] = 0.0
         active = active[min_sq[active] > limit]
     if picked and n > len(picked):  # the final radius over all candidates
@@ -259,6 +260,12 @@ def _refit(built: PatchIndex, old_cal: dict | None, data_root: Path | None, batc
     return cal, note
 
 
+def _reuse(index: PatchIndex, embedder) -> None:
+    """Let ``index`` use a caller's embedder if it is the one its manifest records."""
+    if embedder is not None and json.loads(json.dumps(embedder.describe())) == index.manifest.backbone:
+        index._embedder = embedder
+
+
 def _link(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -350,8 +357,7 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
         if not new:
             log(f"nothing to add: the index at {index_dir} is unchanged ({index.version})")
             return index
-        if embedder is not None and embedder.describe() == index.manifest.backbone:
-            index._embedder = embedder  # the caller's, for the backbone this version records
+        _reuse(index, embedder)
         embedder = embedder_for(index, weights)
         geometry = geometry_of(index)
         bit_depth = (index.manifest.extra.get("decode") or {}).get("bit_depth")
@@ -466,14 +472,14 @@ def _rewrite(src: PatchStore, directory: Path, partition: int, first_id: int, dr
 
 def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
                   data_root: str | os.PathLike | None = None, weights: str | None = None, batch_size: int = 16,
-                  log: Log = lambda msg: None) -> PatchIndex:
+                  log: Log = lambda msg: None, embedder=None) -> PatchIndex:
     """Take frames back out of the current version of an index: a new version (module docstring).
 
     Args:
         paths: the frames, by their path as recorded in the store (relative to ``data_root``)
             or by their file (matched by SHA-256).
-        data_root, weights, batch_size: as :func:`add_images` (paths, held-aside calibration
-            frames re-scored with the backbone).
+        data_root, weights, batch_size, embedder: as :func:`add_images` (paths; the held-aside
+            calibration frames are re-scored with the backbone).
 
     Returns:
         the new version, loaded.
@@ -489,6 +495,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     index, store = _open_base(index_dir)
     try:
         root = Path(data_root) if data_root is not None else None
+        _reuse(index, embedder)
         drop = set(_match(store, paths, root, index_dir))
         if len(drop) >= store.num_images:
             raise InputError(f"removing {len(drop)} frame(s) would leave the patch store of {index_dir} empty")

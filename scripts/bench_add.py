@@ -1,0 +1,118 @@
+"""Benchmark: ``patchsearch add`` of 10 good bottle frames against a full rebuild with them.
+
+The 209 MVTec AD bottle ``train/good`` frames are split (seeded) into 21 held aside for
+calibration (given to both builds as ``validation/good``, so both are calibrated on the
+same frames), 10 to add, and the rest for the initial build. A data root of symlinks is
+made under ``--work`` (nothing is copied; the test split is linked as it is):
+
+* initial: ``build`` over 178 frames, then ``add`` of the 10 (timed, in-process, backbone
+  loaded by the add as the CLI does);
+* reference: ``build`` over the same 188 frames with the same seed (timed).
+
+Both are evaluated on the bottle test split (image and pixel AUROC). Prints a markdown table.
+
+    python scripts/bench_add.py [--data-root ../shared/data/mvtec_ad] [--work /tmp/bench_add]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from patchsearch import PatchIndex  # noqa: E402
+from patchsearch.data import train_images  # noqa: E402
+from patchsearch.evaluate import evaluate  # noqa: E402
+from patchsearch.pipeline import build  # noqa: E402
+from patchsearch.update import add_images, history  # noqa: E402
+
+
+def link_root(src: Path, dst: Path, train: list[Path], held: list[Path], extra: dict[str, list[Path]]) -> Path:
+    """A bottle data root of symlinks: train/good, validation/good, the real test and ground truth."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    cat = dst / "bottle"
+    for sub, frames in {"train/good": train, "validation/good": held, **extra}.items():
+        (cat / sub).mkdir(parents=True)
+        for f in frames:
+            os.symlink(f.resolve(), cat / sub / f.name)
+    for sub in ("test", "ground_truth"):
+        os.symlink((src / "bottle" / sub).resolve(), cat / sub)
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", type=Path, default=Path(os.environ.get("PATCHSEARCH_DATA_ROOT",
+                                                                          "../shared/data/mvtec_ad")))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_add"))
+    ap.add_argument("--add", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    frames = train_images(args.data_root, "bottle")
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(frames))
+    held = sorted(frames[i] for i in order[:21])
+    new = sorted(frames[i] for i in order[21:21 + args.add])
+    initial = sorted(frames[i] for i in order[21 + args.add:])
+    args.work.mkdir(parents=True, exist_ok=True)
+    root_a = link_root(args.data_root, args.work / "data_initial", initial, held, {"line/good": new})
+    root_b = link_root(args.data_root, args.work / "data_all", sorted(initial + new), held, {})
+    idx_a, idx_b = args.work / "idx_initial" / "bottle", args.work / "idx_all" / "bottle"
+    for d in (idx_a, idx_b):
+        shutil.rmtree(d, ignore_errors=True)
+    log = lambda m: print("  " + m, file=sys.stderr)  # noqa: E731
+
+    def run_build(root: Path, out: Path):
+        cat = root / "bottle"
+        t0 = time.perf_counter()
+        index = build(train_images(root, "bottle"), out, category="bottle", data_root=cat,
+                      calibration_images=sorted((cat / "validation/good").iterdir()), seed=args.seed, log=log)
+        return index, time.perf_counter() - t0
+
+    print(f"initial build: {len(initial)} frames", file=sys.stderr)
+    first, t_first = run_build(root_a, idx_a)
+    shutil.copytree(idx_a.parent, args.work / "idx_before_add", dirs_exist_ok=True, symlinks=True)
+    ev_first = evaluate(PatchIndex.load(idx_a), root_a, "bottle")
+    print(f"add: {len(new)} frames", file=sys.stderr)
+    t0 = time.perf_counter()
+    added = add_images(idx_a, sorted((root_a / "bottle/line/good").iterdir()), data_root=root_a / "bottle", log=log)
+    t_add = time.perf_counter() - t0
+    ev_added = evaluate(added, root_a, "bottle")
+    print(f"reference build: {len(initial) + len(new)} frames", file=sys.stderr)
+    ref, t_ref = run_build(root_b, idx_b)
+    ev_ref = evaluate(PatchIndex.load(idx_b), root_b, "bottle")
+    rec = history(added.manifest)[-1]
+    sec = rec["seconds"]
+
+    print(f"| index | frames in store | memory bank | seconds | image AUROC | pixel AUROC | image threshold |")
+    print("|---|---|---|---|---|---|---|")
+    rows = [(f"initial build ({len(initial)} frames)", first, t_first, ev_first),
+            (f"+ `add` of {len(new)} frames", added, t_add, ev_added),
+            (f"full build with them ({len(initial) + len(new)} frames, same seed)", ref, t_ref, ev_ref)]
+    for name, index, secs, ev in rows:
+        store = index.manifest.store
+        print(f"| {name} | {store['num_images']} | {index.size:,} | {secs:.1f} | {ev['image_auroc']:.4f} | "
+              f"{ev['pixel_auroc']:.4f} | {index.manifest.calibration['image']['threshold']:.4f} |")
+    print()
+    print(f"add / full build time: {t_add / t_ref:.1%}; bank growth {rec['bank_rows'][0]:,} -> "
+          f"{rec['bank_rows'][1]:,} (+{rec['bank_rows'][1] - rec['bank_rows'][0]:,} rows of "
+          f"{rec['store_patches'][1] - rec['store_patches'][0]:,} new patches; the full build's bank: "
+          f"{ref.size:,}); covering radius {rec['covering_radius']:.4f} ({rec['radius_space']}, L2)")
+    print(f"add stages (s): embed {sec['embed']} (backbone load before it: "
+          f"{sec['total'] - sec['embed'] - sec['cover'] - sec['index'] - sec['calibrate']:.2f} incl. reading), "
+          f"cover {sec['cover']}, support sets + shards {sec['index']}, threshold re-fit {sec['calibrate']}; "
+          f"pixel AUROC difference add - full build: {ev_added['pixel_auroc'] - ev_ref['pixel_auroc']:+.4f}")
+    print(f"calibration: {rec['calibration']}")
+
+
+if __name__ == "__main__":
+    main()
