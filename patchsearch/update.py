@@ -90,17 +90,23 @@ def cover(bank: np.ndarray, candidates: np.ndarray, radius: float) -> tuple[np.n
         min_sq = np.full(n, np.inf)
     limit = (radius * (1 + REL_TOL)) ** 2
     active = np.nonzero(min_sq > limit)[0]  # only uncovered candidates can be picked
-    wide = candidates.astype(np.float64)
+    pts = candidates[active].astype(np.float64)  # the uncovered ones, compacted as they get covered
+    norms = np.einsum("ij,ij->i", pts, pts)
+    dist = min_sq[active]
     picked = []
     while active.size:
-        i = int(active[np.argmax(min_sq[active])])
-        picked.append(i)
-        diff = wide[active] - wide[i]
-        min_sq[active] = np.minimum(min_sq[active], np.einsum("ij,ij->i", diff, diff))
-        min_sq[i] = 0.0
-        active = active[min_sq[active] > limit]
-    if picked and n > len(picked):  # the final radius over all candidates
-        rest = faiss().knn(candidates, candidates[np.asarray(picked)], 1)[0][:, 0]
+        j = int(np.argmax(dist))
+        if dist[j] <= limit:
+            break
+        picked.append(int(active[j]))
+        c = pts[j].copy()
+        np.minimum(dist, np.maximum(norms - 2.0 * (pts @ c) + c @ c, 0.0), out=dist)
+        dist[j] = 0.0
+        keep = dist > limit
+        if 2 * np.count_nonzero(keep) < len(keep):  # compact once half are covered
+            active, pts, norms, dist = active[keep], pts[keep], norms[keep], dist[keep]
+    if picked:  # the largest remaining distance: to the bank before, or to a picked candidate
+        rest = faiss().knn(candidates, candidates[np.asarray(picked, dtype=np.int64)], 1)[0][:, 0]
         min_sq = np.minimum(min_sq, np.maximum(rest.astype(np.float64), 0.0))
     return np.asarray(picked, dtype=np.int64), float(np.sqrt(min_sq.max()))
 
@@ -199,18 +205,19 @@ def _support_width(old: np.ndarray, rows: int) -> int:
     return B if old.shape[1] == min(B, rows) else int(old.shape[1])
 
 
-def _support_after_add(old: np.ndarray | None, bank: np.ndarray, start: int) -> np.ndarray | None:
+def _support_after_add(old: np.ndarray | None, bank: np.ndarray, start: int) -> tuple[np.ndarray | None, int]:
     """Support sets of the bank after rows ``start..`` were appended, exact: the old rows whose
     b-th support member is no nearer than their nearest new row (with float32 slack) and the
-    new rows are recomputed; the others cannot have changed."""
+    new rows are recomputed; the others cannot have changed. Returns (support sets or None,
+    old rows recomputed)."""
     if old is None:
-        return None
+        return None, 0
     m = len(bank)
     b = min(_support_width(old, start), m)
     if old.shape[1] != b or start == 0:
-        return exact_support_sets(bank, KnnSearcher(bank), b)
+        return exact_support_sets(bank, KnnSearcher(bank), b), start
     if m == start:
-        return np.asarray(old)
+        return np.asarray(old), 0
     prev = bank[:start]
     last = prev[np.asarray(old[:, -1])]
     kth = np.einsum("ij,ij->i", prev - last, prev - last)
@@ -220,7 +227,7 @@ def _support_after_add(old: np.ndarray | None, bank: np.ndarray, start: int) -> 
     out[:start] = old
     rows = np.concatenate([redo, np.arange(start, m)]).astype(np.int64)
     out[rows] = _support_rows(bank, rows, b)
-    return out
+    return out, len(redo)
 
 
 def _refit(built: PatchIndex, old_cal: dict | None, data_root: Path | None, batch_size: int, what: str,
@@ -386,12 +393,13 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
             sources = {"store_row": np.concatenate([old_src["store_row"], rows[picked]]).astype(np.int64),
                        **{k: np.concatenate([old_src[k], src[k]]) for k in ("image_id", "tile", "row", "col")}}
             t0 = time.perf_counter()
-            support = _support_after_add(index.support, bank, start)
+            support, redone = _support_after_add(index.support, bank, start)
             shards = _shards_after_add(index, bank, start)
             t_index = time.perf_counter() - t0
             frames = [relative_path(p, root) for p in new]
             record = _record("add", frames, index, store, len(bank), grown, radius, space, largest)
             record["skipped_duplicates"] = skipped
+            record["support_sets_recomputed"] = None if support is None else int(redone + len(bank) - start)
             if computed:
                 record["radius_computed_at_update"] = True
             log(f"added {len(new)} frame(s): {grown.num_patches - store.num_patches} patches "
