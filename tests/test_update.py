@@ -132,8 +132,16 @@ def test_build_records_radius_and_add_covers_every_store_patch(built, tmp_path):
     assert rec["action"] == "add" and rec["frames"] == [f"line/good_{i}.png" for i in range(3)]
     assert rec["bank_rows"] == [m0, new.size] and rec["covering_radius"] == pytest.approx(r)
     assert rec["radius_space"] == "projected-128" and rec["store_patches"] == [4 * 64, 7 * 64]
-    assert rec["calibration"].startswith("re-fitted on 4 held-aside good frames")
+    assert rec["calibration"].startswith("re-fitted on 4 held-aside good frames (")  # only some re-scored
     assert new.manifest.calibration["image"]["threshold"] <= old.manifest.calibration["image"]["threshold"]
+    # ... and the thresholds are those of re-scoring every held-aside frame with the new bank
+    from patchsearch.calibrate import fit_calibration
+
+    new._embedder = emb
+    held = [root / "widget" / p for p in old.manifest.calibration["images"]]
+    full = fit_calibration(new, held, root / "widget", "all frames")
+    for kind in ("image", "pixel"):
+        assert new.manifest.calibration[kind]["threshold"] == pytest.approx(full[kind]["threshold"], rel=1e-6)
     old.close()
     new.close()
 
