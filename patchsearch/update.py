@@ -26,11 +26,13 @@ row for row: its rows cover the old store within r by definition of r.
 
 Both re-fit the calibrated thresholds with the recorded rule on the recorded held-aside
 good frames (found under ``data_root``; where they are not found, or the threshold was
-picked F1-optimal on labelled frames, the thresholds are kept and the history says so),
-append a record to the manifest's ``history`` (time, action, frames, bank rows and store
-patches before and after, covering radius and its space, calibration), and install a new
-version through :func:`patchsearch.versions.new_version`: a crash leaves the previous
-version answering.
+picked F1-optimal on labelled frames, the thresholds are kept and the history says so;
+after an add only the frames that can decide the thresholds are re-scored,
+:func:`_refit_bounded`), append a record to the manifest's ``history`` (time, action,
+frames, bank rows and store patches before and after, covering radius and its space,
+calibration, seconds), and install a new version through
+:func:`patchsearch.versions.new_version`: a crash leaves the previous version answering,
+and an update refuses to install over a version another writer installed meanwhile.
 
 Float32 rounding: a patch counts as covered when its distance is at most
 r * (1 + :data:`REL_TOL`).
@@ -56,7 +58,7 @@ from .files import sha256
 from .index import PatchIndex
 from .searchers import KnnSearcher, build_flat_shards, faiss, shard_bounds
 from .store import ImageRecord, PatchStore, PatchStoreWriter, partition_files, relative_path
-from .versions import new_version, tidy
+from .versions import current_version, new_version, tidy
 
 Log = Callable[[str], None]
 REL_TOL = 1e-4  # relative slack on the covering radius for float32 rounding of distances
@@ -164,8 +166,9 @@ def _shards_after_add(index: PatchIndex, bank: np.ndarray, start: int) -> list:
     ``start..`` added with their bank-row ids to a clone of the last trained shard."""
     if index.index_type == "flat":
         return build_flat_shards(bank, len(index.shards))
-    shards = [faiss().clone_index(s) for s in index.shards]
+    shards = list(index.shards)  # the others are shared, not changed
     if len(bank) > start:
+        shards[-1] = faiss().clone_index(shards[-1])
         shards[-1].add_with_ids(np.ascontiguousarray(bank[start:]), np.arange(start, len(bank), dtype=np.int64))
     return shards
 
@@ -330,6 +333,15 @@ def _reuse(index: PatchIndex, embedder) -> None:
         index._embedder = embedder
 
 
+def _still_current(index_dir: Path, index: PatchIndex) -> None:
+    """InputError if another writer installed a version since ``index`` was read (its update
+    would be lost under this one)."""
+    now = current_version(index_dir)
+    if now != index.version:
+        raise InputError(f"{index_dir}: another writer installed {now} while this update was prepared from "
+                         f"{index.version}; nothing was installed: run it again")
+
+
 def _link(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -469,6 +481,7 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
                                  "index": round(t_index, 3), "calibrate": round(time.perf_counter() - t0, 3),
                                  "total": round(time.perf_counter() - t_start, 3)}
             built.write(tmp)
+            _still_current(index_dir, index)
     finally:
         index.close()
     tidy(index_dir)
@@ -640,6 +653,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
                                  "calibrate": round(time.perf_counter() - t0, 3),
                                  "total": round(time.perf_counter() - t_start, 3)}
             built.write(tmp)
+            _still_current(index_dir, index)
     finally:
         index.close()
     tidy(index_dir)

@@ -465,3 +465,23 @@ def test_queries_during_add_never_fail(built, tmp_path):
     final = PatchIndex.load(path)
     assert final.manifest.store["num_images"] == 4 + 3 and len(history(final.manifest)) == 3
     final.close()
+
+
+def test_an_update_never_drops_another_writers_version(built, tmp_path):
+    """A rebuild installed while an add is being prepared: the add refuses to install over it."""
+    from patchsearch.errors import InputError
+    from patchsearch.pipeline import rebuild
+
+    root, idx, emb = built
+    path = _copy(idx, tmp_path)
+    fired = []
+
+    def meanwhile(msg):
+        if msg.startswith("added") and not fired:
+            fired.append(rebuild(path).size)
+
+    with pytest.raises(InputError, match="another writer installed v000002"):
+        add_images(path, [root / "widget/line/good_0.png"], data_root=root / "widget", embedder=emb, log=meanwhile)
+    assert fired and (path / "CURRENT").read_text().strip() == "v000002"
+    assert PatchIndex.load(path).manifest.store["num_images"] == 4  # the rebuild's version, intact
+    assert not list(path.glob(".tmp-*"))
