@@ -42,6 +42,15 @@ def split_calibration(image_paths: list[Path], calibration_images, fraction: flo
     return [p for i, p in enumerate(image_paths) if i not in held], [p for i, p in enumerate(image_paths) if i in held]
 
 
+def frame_bounds(res) -> dict:
+    """Per frame of a query result: "patch_max", its largest patch nearest-neighbour L2
+    distance s* (an upper bound of its Eq. 7 score), and "pixel_max", the largest value of
+    its anomaly map. Neither can grow when memory-bank rows are added, so ``patchsearch add``
+    re-scores only the frames whose bounds reach the thresholds (:mod:`patchsearch.update`)."""
+    return {"patch_max": [float(d) for d in np.asarray(res.distances)[..., 0].max(axis=1)],
+            "pixel_max": [float(np.max(m)) for m in res.anomaly_maps]}
+
+
 def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source: str,
                     target_fpr: float | None = None, margin: float | None = None, min_region_area: int = 0,
                     batch_size: int = 16, defects: Sequence[Path] | None = None, pick: str = "fpr") -> dict:
@@ -55,7 +64,8 @@ def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source:
     Returns:
         the manifest's ``calibration`` record: {"image", "pixel" (each
         :func:`~patchsearch.calibrate.fit_threshold`'s dict), "min_region_area",
-        "source", "images" (paths relative to ``root``), "scores", "f1_optimal"}.
+        "source", "images" (paths relative to ``root``), "scores", "patch_max",
+        "pixel_max" (see :func:`frame_bounds`), "f1_optimal"}.
 
     Raises:
         InputError: an unreadable frame, too few frames, ``pick="f1"`` without defects.
@@ -73,7 +83,8 @@ def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source:
     out = {"image": fit_threshold(res.image_scores, target_fpr, margin),
            "pixel": fit_pixel_threshold(res.anomaly_maps, target_fpr, margin),
            "min_region_area": int(min_region_area), "source": source,
-           "images": [relative_path(p, root) for p in good], "scores": [round(float(s), 6) for s in res.image_scores]}
+           "images": [relative_path(p, root) for p in good], "scores": [round(float(s), 6) for s in res.image_scores],
+           **frame_bounds(res)}
     if defects:
         bad = query(index, defects, batch_size=batch_size, maps=False)
         if bad.errors:

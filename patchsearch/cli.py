@@ -334,6 +334,102 @@ def verify(category, index_dir):
                f"memory bank {index.size} x {index.dim})")
 
 
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--category", required=True)
+@_data_root_option
+@_index_dir_option
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="the state-dict file the index was built with, if it was built with --weights")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="image-decoding worker processes")
+@_friendly
+def add(images, category, data_root, index_dir, weights, batch_size, workers):
+    """Add good frames IMAGES (files or folders) to CATEGORY's index without a rebuild.
+
+    The frames join the patch store as a new partition; greedy k-center continues until
+    every store patch is within the coreset's covering radius again; the thresholds are
+    re-fitted on the held-aside good frames (found under --data-root). Frames already in
+    the store (same SHA-256) are skipped.
+    """
+    from .data import list_images
+    from .update import add_images, history
+
+    index = add_images(index_dir / category, list_images(images), data_root=_data_root(data_root) / category,
+                       weights=str(weights) if weights else None, batch_size=batch_size, workers=workers,
+                       progress=sys.stderr.isatty(), log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps({"index": str(index.path), "version": index.version, "memory_bank": index.size,
+                           "last_update": (history(index.manifest) or [None])[-1]}))
+
+
+@main.command()
+@click.option("--category", required=True)
+@click.option("--image", "images", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="a frame to take out: its path as recorded (relative to the data root) or its file; repeatable")
+@_data_root_option
+@_index_dir_option
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="the state-dict file the index was built with (to re-fit the thresholds)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@_friendly
+def remove(category, images, data_root, index_dir, weights, batch_size):
+    """Take frames out of CATEGORY's index (patch store and memory bank) without a rebuild."""
+    from .update import history, remove_images
+
+    index = remove_images(index_dir / category, list(images), data_root=_data_root(data_root) / category,
+                          weights=str(weights) if weights else None, batch_size=batch_size,
+                          log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps({"index": str(index.path), "version": index.version, "memory_bank": index.size,
+                           "last_update": (history(index.manifest) or [None])[-1]}))
+
+
+@main.command()
+@click.option("--category", required=True)
+@_index_dir_option
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@_friendly
+def info(category, index_dir, as_json):
+    """What CATEGORY's current index holds, and its update history."""
+    from .index import PatchIndex
+    from .update import history
+
+    index = PatchIndex.load(index_dir / category)
+    try:
+        man = index.manifest
+        cal = man.calibration or {}
+        out = {"index": str(index.path), "version": index.version, "created": man.created,
+               "backbone": (man.backbone or {}).get("name"), "dim": index.dim, "type": index.index_type,
+               "memory_bank": index.size, "store_images": (man.store or {}).get("num_images"),
+               "store_patches": (man.store or {}).get("num_patches"), "coreset": man.coreset,
+               "image_threshold": (cal.get("image") or {}).get("threshold"),
+               "pixel_threshold": (cal.get("pixel") or {}).get("threshold"), "history": history(man)}
+    finally:
+        index.close()
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    cs = out["coreset"] or {}
+    radius = cs.get("radius")
+    click.echo(f"index         {out['index']} ({out['version'] or 'format 1'}, created {out['created']})")
+    click.echo(f"backbone      {out['backbone']} ({out['dim']}-d), {out['type']}")
+    click.echo(f"patch store   {out['store_images']} frames, {out['store_patches']} patches")
+    click.echo(f"memory bank   {out['memory_bank']} rows (coreset ratio {cs.get('ratio')}, seed {cs.get('seed')}, "
+               f"covering radius {'not recorded' if radius is None else f'{radius:.4f}'}"
+               f"{'' if radius is None else ' ' + str(cs.get('radius_space')) + ', L2'})")
+    if out["image_threshold"] is not None:
+        click.echo(f"thresholds    image {out['image_threshold']:.4f}, pixel {out['pixel_threshold']:.4f} (L2)")
+    else:
+        click.echo("thresholds    not calibrated")
+    click.echo(f"history       {len(out['history'])} update(s)")
+    for h in out["history"]:
+        frames = h["frames"]
+        click.echo(f"  {h['time']}  {h['action']:<6} {len(frames)} frame(s) ({', '.join(frames[:3])}"
+                   f"{', ...' if len(frames) > 3 else ''})  bank {h['bank_rows'][0]} -> {h['bank_rows'][1]}  "
+                   f"patches {h['store_patches'][0]} -> {h['store_patches'][1]}  radius {h['covering_radius']:.4f}  "
+                   f"{h['calibration']}")
+
+
 if __name__ == "__main__":
     main()
 

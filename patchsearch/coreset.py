@@ -41,6 +41,12 @@ def check_ratio(ratio: float) -> float:
     return ratio
 
 
+def radius_space(dim: int, projection_dim: int = PROJECTION_DIM) -> str:
+    """Where :func:`kcenter_greedy` measures distances for embeddings of dimension ``dim``:
+    ``"projected-<projection_dim>"`` (its seeded Gaussian projection) or ``"full"`` (d <= projection_dim)."""
+    return f"projected-{projection_dim}" if dim > projection_dim else "full"
+
+
 def random_projection(embeddings, projection_dim: int = PROJECTION_DIM, seed: int = 0,
                       chunk: int = 65536) -> np.ndarray:
     """Project (N, d) embeddings to float32 (N, projection_dim) with a seeded Gaussian matrix.
@@ -94,7 +100,7 @@ def _blocks(points: np.ndarray, num_blocks: int, seed: int):
 
 
 def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int = PROJECTION_DIM,
-                   num_blocks: int | None = None, progress: bool = False) -> np.ndarray:
+                   num_blocks: int | None = None, progress: bool = False, return_radius: bool = False):
     """Greedy k-center coreset selection (PatchCore Algorithm 1).
 
     Args:
@@ -107,8 +113,14 @@ def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int 
         num_blocks: number of pruning blocks (default about N / 256).
         progress: show a tqdm progress bar.
 
+        return_radius: also return the covering radius of the selection.
+
     Returns:
-        int64 (n_select,) row indices into ``embeddings`` in selection order.
+        int64 (n_select,) row indices into ``embeddings`` in selection order; with
+        ``return_radius``, (indices, radius): the largest L2 distance (not squared) from
+        any row to its nearest selected row, in the space the selection was made in (the
+        projection, or the embeddings themselves when d <= projection_dim), float32
+        distance expansion as in the loop.
 
     Raises:
         InputError: ratio outside (0, 1], empty input or NaN/inf values.
@@ -118,7 +130,8 @@ def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int 
     n_select = max(1, int(n * ratio))
     points = random_projection(embeddings, projection_dim, seed)
     if n_select >= n:
-        return np.arange(n, dtype=np.int64)
+        everything = np.arange(n, dtype=np.int64)
+        return (everything, 0.0) if return_radius else everything
 
     order, starts, sizes, centres, radii = _blocks(points, num_blocks or max(1, n // 256), seed)
     pts = points[order]                                   # block-contiguous
@@ -142,12 +155,15 @@ def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int 
         from tqdm import tqdm
 
         bar = tqdm(total=n_select, desc="coreset", unit="pt", leave=False)
-    for step in range(n_select):
-        selected[step] = current
-        sel_pts[step], sel_norms[step] = pts[current], norms[current]
-        if step == n_select - 1:
-            break
-        done = step + 1
+    for step in range(n_select + 1 if return_radius else n_select):
+        if step == n_select:  # one more lazy pass: the top block's farthest point gives the radius
+            done = n_select
+        else:
+            selected[step] = current
+            sel_pts[step], sel_norms[step] = pts[current], norms[current]
+            if step == n_select - 1 and not return_radius:
+                break
+            done = step + 1
         # Lazy update: only the block with the largest upper bound is brought up to date
         # (against the centres chosen since its last update that can reach it), until the
         # top block is current; its farthest point is then the exact greedy choice.
@@ -166,12 +182,15 @@ def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int 
                 np.minimum(min_sq[lo:hi], d2, out=min_sq[lo:hi])
                 upper[b] = float(min_sq[lo:hi].max())
             applied[b] = done
+        if step == n_select:
+            radius = float(np.sqrt(max(float(upper[b]), 0.0)))
+            break
         current = int(starts[b] + np.argmax(min_sq[starts[b]:ends[b]]))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return order[selected]
+    return (order[selected], radius) if return_radius else order[selected]
 
 
 def covering_radius(embeddings: np.ndarray, selected: np.ndarray) -> float:

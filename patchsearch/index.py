@@ -185,7 +185,8 @@ class PatchIndex:
         directory = Path(directory)
         names = searchers.write_shards(self._sharded.cpu_shards, directory)
         write_bank(directory / BANK_FILE, self.memory_bank)
-        bounds = searchers.shard_bounds(self.size, len(names))
+        ends = np.cumsum([int(s.ntotal) for s in self._sharded.cpu_shards]).tolist()  # IVF adds go to the last shard
+        bounds = list(zip([0] + ends[:-1], ends))
         support = self.memory_bank.support
         self.manifest.memory_bank = {"file": BANK_FILE, "size": self.size,
                                      "support_b": None if support is None else int(support.shape[1])}
@@ -325,6 +326,25 @@ class PatchIndex:
     def describe_locations(self, rows) -> list[dict]:
         """Training patch behind each memory-bank row: [{"bank_row", "image", "tile", "row", "col"}]."""
         return self.memory_bank.describe(rows)
+
+    # updates (thin delegation to patchsearch.update) ----------------------------------
+    def add_images(self, images, **kwargs) -> "PatchIndex":
+        """Add good frames to this index's directory without a rebuild; returns the new version
+        (this one stays open and unchanged): see :func:`patchsearch.update.add_images`."""
+        from .update import add_images
+
+        if self.path is None:
+            raise InputError("add_images needs an index loaded from or saved to an index directory")
+        return add_images(self.path, images, embedder=getattr(self, "_embedder", None), **kwargs)
+
+    def remove_images(self, images, **kwargs) -> "PatchIndex":
+        """Take frames back out of this index's directory; returns the new version: see
+        :func:`patchsearch.update.remove_images`."""
+        from .update import remove_images
+
+        if self.path is None:
+            raise InputError("remove_images needs an index loaded from or saved to an index directory")
+        return remove_images(self.path, images, **kwargs)
 
     # images (thin delegation to patchsearch.query) ------------------------------------
     def query(self, images, **kwargs) -> SearchResult:

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .calibrate import CALIBRATION_FRACTION, fit_calibration, split_calibration
-from .coreset import PROJECTION_DIM, check_ratio, kcenter_greedy
+from .coreset import PROJECTION_DIM, check_ratio, kcenter_greedy, radius_space
 from .data import BIT_DEPTHS
 from .errors import InputError
 from .format import read_manifest
@@ -127,7 +127,7 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
                 **(ray_options or {}))
         else:
             with PatchStoreWriter(tmp, embedder.dim) as writer:
-                grid = embed_frames(writer, embedder, train, root, geometry, batch_size, workers, bit_depth, progress)
+                grid = embed_frames(writer, train, embedder, geometry, root, batch_size, workers, bit_depth, progress)
             num_images, num_patches = writer.num_images, writer.num_patches
         timings["extract"] = time.perf_counter() - t0
         log(f"embedded {num_images} images -> {num_patches} patches of dim {embedder.dim} "
@@ -156,21 +156,35 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
     return built
 
 
-def embed_frames(writer: PatchStoreWriter, embedder, paths: Sequence[Path], root: Path, geometry, batch_size: int,
-                 workers: int = 0, bit_depth: int | None = None, progress: bool = False) -> list[int]:
-    """Embed training frames batch by batch into ``writer`` (one record batch per batch of
-    ``batch_size`` frames); returns the feature grid [h, w].
+def embed_frames(writer: PatchStoreWriter, paths: Sequence[Path], embedder, geometry, root: Path,
+                 batch_size: int = 16, workers: int = 0, bit_depth: int | None = None, progress: bool = False,
+                 what: str = "training image") -> list[int]:
+    """Decode, embed and write frames into a patch-store partition (build, and ``patchsearch add``).
+
+    Args:
+        writer: the open :class:`~patchsearch.store.PatchStoreWriter` of the partition.
+        paths: the frames, written in this order (image ids from ``writer.next_image_id`` on).
+        embedder: the :class:`~patchsearch.features.PatchEmbedder`.
+        geometry: the :class:`~patchsearch.geometry.Geometry` (frames of another size are resized).
+        root: frame paths are recorded relative to it.
+        bit_depth: camera bit depth (:func:`~patchsearch.data.load_image`).
+        what: how an unreadable frame is named in the error.
+
+    Returns:
+        the patch grid [h, w] of one tile.
 
     Raises:
-        InputError: an unreadable training frame.
+        InputError: an unreadable frame (the message names it).
     """
     from .data import iter_batches
 
-    tiles, grid = len(geometry.tile_boxes()), None
+    tiles = len(geometry.tile_boxes())
+    grid = None
     nbatches = (len(paths) + batch_size - 1) // batch_size
-    for batch in _progress(iter_batches(paths, geometry, batch_size, workers, bit_depth), nbatches, "embed", progress):
+    for batch in _progress(iter_batches(paths, geometry, batch_size, workers, bit_depth), nbatches,
+                           "embed", progress):
         if batch.errors:
-            raise InputError(f"training image {next(iter(batch.errors.values()))}")
+            raise InputError(f"{what} {next(iter(batch.errors.values()))}")
         emb = embedder(batch.tensor.to(next(embedder.parameters()).device)).cpu().numpy()
         grid = [int(emb.shape[1]), int(emb.shape[2])]
         emb = emb.reshape(len(batch.good), tiles, *emb.shape[1:]) if tiles > 1 else emb
@@ -237,7 +251,8 @@ def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: 
     """
     store = PatchStore(directory, partitions=(meta.get("store") or {}).get("partitions"))
     t0 = time.perf_counter()
-    selected = kcenter_greedy(StoreArray(store), coreset_ratio, seed=seed, progress=progress)
+    selected, radius = kcenter_greedy(StoreArray(store), coreset_ratio, seed=seed, progress=progress,
+                                      return_radius=True)
     timings["coreset"] = time.perf_counter() - t0
     log(f"coreset: {len(selected)} of {store.num_patches} patches in {timings['coreset']:.1f} s")
 
@@ -245,7 +260,8 @@ def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: 
     sources = {"store_row": selected, **store.locations(selected)}
     meta = {**meta,
             "coreset": {"ratio": coreset_ratio, "seed": seed, "projection_dim": PROJECTION_DIM,
-                        "method": "greedy k-center"},
+                        "method": "greedy k-center", "radius": radius,
+                        "radius_space": radius_space(store.dim)},
             "store": {**(meta.get("store") or {}), "files": list(store.files), "num_patches": store.num_patches,
                       "num_images": store.num_images,
                       "partitions": sorted(int(f[8:13]) for f in store.files if f.startswith("patches-")) or None},

@@ -78,7 +78,7 @@ class EmbedWorker:
             for leftover in (directory / name, directory / f"{name}.partial"):
                 leftover.unlink(missing_ok=True)
         with PatchStoreWriter(directory, self.embedder.dim, partition, first_image_id) as writer:
-            grid = embed_frames(writer, self.embedder, [Path(p) for p in paths], Path(root), geometry, batch_size,
+            grid = embed_frames(writer, [Path(p) for p in paths], self.embedder, geometry, Path(root), batch_size,
                                 0, bit_depth)
         return {"partition": partition, "num_images": writer.num_images, "num_patches": writer.num_patches,
                 "grid": grid, "dim": self.embedder.dim, "seconds": time.perf_counter() - t0, "pid": os.getpid(),

@@ -1,0 +1,665 @@
+"""Incremental updates of a built index: add good frames, take frames back out, without a rebuild.
+
+``add`` (:func:`add_images`): the frames are embedded with the index's recorded backbone
+(weights checked by SHA-256), geometry and bit depth, and written as ONE new partition of
+the Arrow patch store (the existing partitions are hard-linked into the new version, never
+rewritten; image ids go on). The memory bank is then extended by *continuing* greedy
+k-center (PatchCore §3.2): with r the coreset's covering radius before the update, the new
+patch farthest from the bank joins it while its distance exceeds r, farthest first, until
+every store patch is again within r of the bank. Distances are measured where the coreset
+measured them: on its seeded Gaussian projection to ``projection_dim`` dimensions (L2, not
+squared; the embeddings themselves when d <= projection_dim), recorded as
+``coreset.radius_space``. Old store patches stay covered because the bank only grows, so
+only the new patches are searched. New bank rows are appended (old rows keep their
+numbers); flat shards are rebuilt from the bank (a copy), IVF shards get the new rows with
+their bank-row ids (``add_with_ids`` on a clone of the trained last shard); support sets
+N_b(m) of Eq. 7 are recomputed for the new rows and for every old row whose neighbourhood a
+new row can enter, so they equal the exact kNN graph of the new bank.
+
+``remove`` (:func:`remove_images`): the frames' patches leave the store (the partitions
+holding them, and those after them, whose image ids shift, are written anew into the new
+version; the old version's files are untouched), their bank rows leave the bank (the
+other rows keep their order), and greedy k-center continues from the remaining bank over
+the remaining store patches that only removed rows covered, until every store patch is
+within r again. Removing the frames of an ``add`` therefore restores the bank before it
+row for row: its rows cover the old store within r by definition of r.
+
+Both re-fit the calibrated thresholds with the recorded rule on the recorded held-aside
+good frames (found under ``data_root``; where they are not found, or the threshold was
+picked F1-optimal on labelled frames, the thresholds are kept and the history says so;
+after an add only the frames that can decide the thresholds are re-scored,
+:func:`_refit_bounded`), append a record to the manifest's ``history`` (time, action,
+frames, bank rows and store patches before and after, covering radius and its space,
+calibration, seconds), and install a new version through
+:func:`patchsearch.versions.new_version`: a crash leaves the previous version answering,
+and an update refuses to install over a version another writer installed meanwhile.
+
+Float32 rounding: a patch counts as covered when its distance is at most
+r * (1 + :data:`REL_TOL`).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .bank import B, MemoryBank, exact_support_sets, support_from_neighbours
+from .coreset import PROJECTION_DIM, radius_space, random_projection
+from .errors import IndexFormatError, InputError
+from .files import sha256
+from .index import PatchIndex
+from .searchers import KnnSearcher, build_flat_shards, faiss, shard_bounds
+from .store import ImageRecord, PatchStore, PatchStoreWriter, partition_files, relative_path
+from .versions import current_version, new_version, tidy
+
+Log = Callable[[str], None]
+REL_TOL = 1e-4  # relative slack on the covering radius for float32 rounding of distances
+
+
+# ---------------------------------------------------------------------------------------------
+# continuing greedy k-center
+
+def cover(bank: np.ndarray, candidates: np.ndarray, radius: float) -> tuple[np.ndarray, float]:
+    """Continue greedy k-center until every candidate is within ``radius`` of the bank.
+
+    Args:
+        bank: float32 (M, p) points already selected (M may be 0), in the coreset's space.
+        candidates: float32 (n, p) points that must end up covered.
+        radius: covering radius r (L2, not squared).
+
+    Returns:
+        (int64 indices into ``candidates`` that join the bank, in selection order: each was
+        the farthest candidate from the bank and the candidates picked before it, at
+        distance > r * (1 + REL_TOL); the largest distance of a candidate to the extended
+        bank afterwards, L2).
+    """
+    candidates = np.ascontiguousarray(candidates, dtype=np.float32)
+    n = len(candidates)
+    if n == 0:
+        return np.empty(0, np.int64), 0.0
+    if len(bank):
+        min_sq = faiss().knn(candidates, np.ascontiguousarray(bank, dtype=np.float32), 1)[0][:, 0]
+        min_sq = np.maximum(min_sq.astype(np.float64), 0.0)
+    else:
+        min_sq = np.full(n, np.inf)
+    limit = (radius * (1 + REL_TOL)) ** 2
+    active = np.nonzero(min_sq > limit)[0]  # only uncovered candidates can be picked
+    pts = candidates[active].astype(np.float64)  # the uncovered ones, compacted as they get covered
+    norms = np.einsum("ij,ij->i", pts, pts)
+    dist = min_sq[active]
+    picked = []
+    while active.size:
+        j = int(np.argmax(dist))
+        if dist[j] <= limit:
+            break
+        picked.append(int(active[j]))
+        c = pts[j].copy()
+        np.minimum(dist, np.maximum(norms - 2.0 * (pts @ c) + c @ c, 0.0), out=dist)
+        dist[j] = 0.0
+        keep = dist > limit
+        if 2 * np.count_nonzero(keep) < len(keep):  # compact once half are covered
+            active, pts, norms, dist = active[keep], pts[keep], norms[keep], dist[keep]
+    if picked:  # the largest remaining distance: to the bank before, or to a picked candidate
+        rest = faiss().knn(candidates, candidates[np.asarray(picked, dtype=np.int64)], 1)[0][:, 0]
+        min_sq = np.minimum(min_sq, np.maximum(rest.astype(np.float64), 0.0))
+    return np.asarray(picked, dtype=np.int64), float(np.sqrt(min_sq.max()))
+
+
+def _projector(manifest, dim: int):
+    """The coreset's projection of (n, d) embeddings, and the name of its space."""
+    pdim = int((manifest.coreset or {}).get("projection_dim", PROJECTION_DIM))
+    seed = int((manifest.coreset or {}).get("seed", 0))
+    return (lambda x: random_projection(x, pdim, seed)), radius_space(dim, pdim)
+
+
+def _covering_radius(index: PatchIndex, store: PatchStore, project, space: str, log: Log) -> tuple[float, bool]:
+    """(covering radius before the update, whether it had to be computed): recorded in the
+    manifest since patchsearch records it at build, else the largest distance of a store
+    patch to the bank in the coreset's space (faiss.knn over the projected store)."""
+    cs = index.manifest.coreset or {}
+    if cs.get("radius") is not None and cs.get("radius_space") == space:
+        return float(cs["radius"]), False
+    t0 = time.perf_counter()
+    bank = project(index.bank)
+    worst = 0.0
+    for s in range(0, store.num_patches, 65536):
+        rows = np.arange(s, min(store.num_patches, s + 65536))
+        d2 = faiss().knn(project(store.embeddings(rows)), bank, 1)[0]
+        worst = max(worst, float(d2.max()))
+    radius = float(np.sqrt(max(worst, 0.0)))
+    log(f"covering radius not recorded (index built before patchsearch recorded it): computed {radius:.4f} "
+        f"({space}, L2) over {store.num_patches} store patches in {time.perf_counter() - t0:.1f} s")
+    return radius, True
+
+
+# ---------------------------------------------------------------------------------------------
+# index pieces
+
+def _open_base(index_dir: Path) -> tuple[PatchIndex, PatchStore]:
+    """The current version and its patch store; IndexFormatError if it cannot be updated."""
+    index = PatchIndex.load(index_dir)
+    try:
+        man = index.manifest
+        if not (man.store or {}).get("files") or index.memory_bank.sources is None:
+            raise IndexFormatError(f"the index at {index_dir} has no patch store to update: build it with "
+                                   "'patchsearch build'")
+        if not (man.store or {}).get("partitions"):
+            raise IndexFormatError(f"the index at {index_dir} has a version-1 patch store (one patches.arrow), "
+                                   "which cannot grow by partitions: build it again with 'patchsearch build'")
+        store = PatchStore(index.directory, partitions=man.store["partitions"])
+    except BaseException:
+        index.close()
+        raise
+    return index, store
+
+
+def _shards_after_add(index: PatchIndex, bank: np.ndarray, start: int) -> list:
+    """Flat: shards rebuilt from the bank (contiguous row ranges). IVF: the new rows
+    ``start..`` added with their bank-row ids to a clone of the last trained shard."""
+    if index.index_type == "flat":
+        return build_flat_shards(bank, len(index.shards))
+    shards = list(index.shards)  # the others are shared, not changed
+    if len(bank) > start:
+        shards[-1] = faiss().clone_index(shards[-1])
+        shards[-1].add_with_ids(np.ascontiguousarray(bank[start:]), np.arange(start, len(bank), dtype=np.int64))
+    return shards
+
+
+def _shards_rebuilt(index: PatchIndex, bank: np.ndarray) -> list:
+    """Shards over a bank whose rows were renumbered: flat rebuilt; IVF: the trained quantizer
+    and codebooks kept (a reset clone), rows added with their ids per contiguous range."""
+    if index.index_type == "flat":
+        return build_flat_shards(bank, len(index.shards))
+    trained = faiss().clone_index(index.shards[0])
+    trained.reset()
+    out = []
+    for a, b in shard_bounds(len(bank), min(len(index.shards), len(bank))):
+        shard = faiss().clone_index(trained)
+        shard.add_with_ids(np.ascontiguousarray(bank[a:b]), np.arange(a, b, dtype=np.int64))
+        out.append(shard)
+    return out
+
+
+def _support_rows(bank: np.ndarray, rows: np.ndarray, b: int) -> np.ndarray:
+    """Exact N_b(m) of the given bank rows, computed as :func:`~patchsearch.bank.exact_support_sets`
+    computes them (faiss.knn; at least 20 queries per call, FAISS's BLAS path)."""
+    searcher = KnnSearcher(bank)
+    m = len(bank)
+    out = np.empty((len(rows), b), dtype=np.int64)
+    for s in range(0, len(rows), 4096):
+        part = rows[s:s + 4096]
+        q = part if len(part) >= 20 else np.concatenate([part, np.repeat(part[:1], 20 - len(part))])
+        _, nn = searcher.search(bank[q], min(b + 1, m))
+        out[s:s + len(part)] = support_from_neighbours(part, nn[:len(part)], b)
+    return out
+
+
+def _support_width(old: np.ndarray, rows: int) -> int:
+    """b of the support sets to keep: B where the old ones were B wide or clipped to a bank
+    smaller than B, else their own width."""
+    return B if old.shape[1] == min(B, rows) else int(old.shape[1])
+
+
+def _support_after_add(old: np.ndarray | None, bank: np.ndarray, start: int) -> tuple[np.ndarray | None, int]:
+    """Support sets of the bank after rows ``start..`` were appended, exact: the old rows whose
+    b-th support member is no nearer than their nearest new row (with float32 slack) and the
+    new rows are recomputed; the others cannot have changed. Returns (support sets or None,
+    old rows recomputed)."""
+    if old is None:
+        return None, 0
+    m = len(bank)
+    b = min(_support_width(old, start), m)
+    if old.shape[1] != b or start == 0:
+        return exact_support_sets(bank, KnnSearcher(bank), b), start
+    if m == start:
+        return np.asarray(old), 0
+    prev = bank[:start]
+    last = prev[np.asarray(old[:, -1])]
+    kth = np.einsum("ij,ij->i", prev - last, prev - last)
+    near = faiss().knn(prev, np.ascontiguousarray(bank[start:]), 1)[0][:, 0]
+    redo = np.nonzero(near <= kth * (1 + 4 * REL_TOL) + 1e-6)[0]
+    out = np.empty((m, b), dtype=np.int64)
+    out[:start] = old
+    rows = np.concatenate([redo, np.arange(start, m)]).astype(np.int64)
+    out[rows] = _support_rows(bank, rows, b)
+    return out, len(redo)
+
+
+def _refit_bounded(built: PatchIndex, old_cal: dict, frames: list[Path], batch_size: int) -> dict | None:
+    """The re-fit after rows were ADDED to the bank, re-scoring only the frames that can decide it.
+
+    With the default rule (target FPR 0) the image threshold is (1 + margin) x the largest
+    held-aside score and the pixel threshold (1 + margin) x the largest held-aside map value.
+    When the bank only grows, no nearest-neighbour distance grows, so a frame's s* (its largest
+    patch distance, >= its Eq. 7 score) and its map maximum are upper bounds recorded from its
+    last scoring (:func:`patchsearch.calibrate.frame_bounds`). Frames are re-scored, highest
+    bound first, until every frame not re-scored has both bounds (times 1 + 1e-5 for float32
+    rounding) below the new maxima: the thresholds then equal those of re-scoring every frame.
+
+    Returns:
+        the calibration record (with "rescored": frames re-scored), or None where this does
+        not apply (another target FPR, bounds not recorded: indexes built before them).
+    """
+    from .calibrate import frame_bounds
+    from .query import query
+    from .thresholds import fit_pixel_threshold, fit_threshold
+
+    image, pixel = old_cal.get("image") or {}, old_cal.get("pixel") or {}
+    n = len(frames)
+    if image.get("target_fpr") != 0 or pixel.get("target_fpr") != 0 or n < 2 or \
+            any(len(old_cal.get(k) or []) != n for k in ("scores", "patch_max", "pixel_max")):
+        return None
+    scores = np.array(old_cal["scores"], np.float64)
+    bound, pbound = np.array(old_cal["patch_max"], np.float64), np.array(old_cal["pixel_max"], np.float64)
+    best, best_pixel, done, maps = -np.inf, -np.inf, np.zeros(n, bool), []
+    slack = 1 + 1e-5
+    while True:
+        need = ~done & ((bound * slack >= best) | (pbound * slack >= best_pixel))
+        if not need.any():
+            break
+        ids = np.nonzero(need)[0]
+        pick = sorted({int(ids[np.argmax(bound[ids])]), int(ids[np.argmax(pbound[ids])])})
+        res = query(built, [frames[i] for i in pick], batch_size=batch_size, regions=False)
+        if res.errors:
+            raise InputError(f"calibration image {next(iter(res.errors.values()))}")
+        fresh = frame_bounds(res)
+        for j, i in enumerate(pick):
+            scores[i], bound[i], pbound[i] = res.image_scores[j], fresh["patch_max"][j], fresh["pixel_max"][j]
+            maps.append(res.anomaly_maps[j])
+        done[pick] = True
+        best, best_pixel = float(scores[done].max()), float(pbound[done].max())
+    cal = {**old_cal, "image": fit_threshold(scores, 0.0, image["margin"]),
+           "pixel": {**fit_pixel_threshold(maps, 0.0, pixel["margin"]), "n": pixel.get("n")},
+           "scores": [round(float(x), 6) for x in scores], "patch_max": bound.tolist(),
+           "pixel_max": pbound.tolist(), "rescored": int(done.sum())}
+    return cal
+
+
+def _refit(built: PatchIndex, old_cal: dict | None, data_root: Path | None, batch_size: int, what: str,
+           weights: str | None = None, grown: bool = False) -> tuple[dict | None, str]:
+    """Re-fit the calibration of ``built`` on the recorded held-aside good frames (after an add,
+    ``grown``: re-scoring only the frames that can decide it, :func:`_refit_bounded`).
+
+    Returns:
+        (the new calibration record (the old one where it cannot be re-fitted), a sentence for
+        the history and the log).
+    """
+    from .calibrate import fit_calibration
+    from .query import embedder_for
+
+    if not old_cal:
+        return None, "not calibrated"
+    image = old_cal.get("image") or {}
+    if str(image.get("rule", "")).startswith("F1-optimal"):
+        return old_cal, ("thresholds kept: the image threshold was picked F1-optimal on labelled frames, "
+                         "which are not recorded; run 'patchsearch calibrate'")
+    if data_root is None:
+        return old_cal, ("thresholds kept: no data root given to find the held-aside good frames; pass "
+                         "--data-root or run 'patchsearch calibrate'")
+    frames = [Path(data_root) / p for p in old_cal.get("images") or []]
+    missing = [p for p in frames if not p.is_file()]
+    if not frames or missing:
+        return old_cal, (f"thresholds kept: {len(missing)} of the {len(frames)} held-aside good frames not found "
+                         f"under {data_root} (e.g. {missing[0] if missing else '-'}); pass --data-root or run "
+                         "'patchsearch calibrate'")
+    source = str(old_cal.get("source", "held-aside good frames")).split(" | re-fitted")[0]
+    embedder_for(built, weights)
+    cal = _refit_bounded(built, old_cal, frames, batch_size) if grown else None
+    how = ""
+    if cal is None:
+        cal = fit_calibration(built, frames, Path(data_root), "", image.get("target_fpr"), image.get("margin"),
+                              int(old_cal.get("min_region_area", 0)), batch_size)
+    else:
+        how = (f" ({cal.pop('rescored')} re-scored; the others' bounds s* and map maximum, which cannot grow "
+               "with the bank, stay below the new maxima)")
+    cal["source"] = f"{source} | re-fitted after {what}"
+    note = (f"re-fitted on {len(frames)} held-aside good frames{how}: image threshold "
+            f"{image.get('threshold', float('nan')):.4f} -> {cal['image']['threshold']:.4f}, pixel threshold "
+            f"{(old_cal.get('pixel') or {}).get('threshold', float('nan')):.4f} -> {cal['pixel']['threshold']:.4f} (L2)")
+    return cal, note
+
+
+def _reuse(index: PatchIndex, embedder) -> None:
+    """Let ``index`` use a caller's embedder if it is the one its manifest records."""
+    if embedder is not None and json.loads(json.dumps(embedder.describe())) == index.manifest.backbone:
+        index._embedder = embedder
+
+
+def _still_current(index_dir: Path, index: PatchIndex) -> None:
+    """InputError if another writer installed a version since ``index`` was read (its update
+    would be lost under this one)."""
+    now = current_version(index_dir)
+    if now != index.version:
+        raise InputError(f"{index_dir}: another writer installed {now} while this update was prepared from "
+                         f"{index.version}; nothing was installed: run it again")
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _finish(index: PatchIndex, bank: np.ndarray, sources: dict, support, shards: list, store: PatchStore,
+            partitions: list[int], record: dict, radius: float, space: str, data_root, batch_size: int,
+            log: Log, embedder=None, weights: str | None = None) -> PatchIndex:
+    """The new version's PatchIndex (calibration re-fitted, history appended), not yet written."""
+    man = copy.deepcopy(index.manifest)
+    man.created = None
+    man.coreset = {**(man.coreset or {}), "radius": radius, "radius_space": space}
+    man.store = {**man.store, "files": list(store.files), "num_patches": store.num_patches,
+                 "num_images": store.num_images, "partitions": partitions}
+    built = PatchIndex(MemoryBank(bank, sources, store.image_paths(), support), shards, man, gpu=False)
+    if embedder is not None:
+        built._embedder = embedder
+    cal, note = _refit(built, index.manifest.calibration, data_root, batch_size, f"patchsearch {record['action']}",
+                       weights, grown=record["action"] == "add")
+    built.manifest.calibration = cal
+    log(note)
+    record["calibration"] = note
+    man.extra["history"] = list(man.extra.get("history") or []) + [record]
+    return built
+
+
+def _record(action: str, frames: list[str], index: PatchIndex, store_before: PatchStore, bank_after: int,
+            store_after: PatchStore, radius: float, space: str, largest: float) -> dict:
+    return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "action": action,
+            "frames": frames, "bank_rows": [index.size, int(bank_after)],
+            "store_patches": [store_before.num_patches, store_after.num_patches],
+            "store_images": [store_before.num_images, store_after.num_images],
+            "covering_radius": round(float(radius), 6), "radius_space": space,
+            "largest_distance_after": round(float(largest), 6), "from_version": index.version}
+
+
+# ---------------------------------------------------------------------------------------------
+# add
+
+def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
+               data_root: str | os.PathLike | None = None, weights: str | None = None, batch_size: int = 16,
+               workers: int = 0, progress: bool = False, log: Log = lambda msg: None,
+               embedder=None) -> PatchIndex:
+    """Add good frames to the current version of an index: a new version (see the module docstring).
+
+    Args:
+        index_dir: the index directory (``<index-dir>/<category>``).
+        paths: the frames (any size: resized by the recorded geometry like queries).
+        data_root: the frames' paths are recorded relative to it (default: their common
+            folder); the recorded held-aside calibration frames are looked up under it.
+        weights: the state-dict file, for an index built with ``--weights``.
+        batch_size, workers: frames per backbone batch, decoding worker processes.
+        embedder: a :class:`~patchsearch.features.PatchEmbedder` already loaded for this index.
+
+    Returns:
+        the new version, loaded. Frames already in the store (same SHA-256; also repeated
+        ones in ``paths``) are skipped; when every frame is, nothing is written and the
+        current version is returned as it is.
+
+    Raises:
+        InputError: no frame, an unreadable frame (named; nothing is installed).
+        IndexFormatError: no index, one without a patch store or backbone, other weights.
+    """
+    from .pipeline import embed_frames
+    from .query import embedder_for, geometry_of
+
+    index_dir, paths = Path(index_dir), [Path(p) for p in paths]
+    if not paths:
+        raise InputError("no frame to add")
+    t_start = time.perf_counter()
+    index, store = _open_base(index_dir)
+    try:
+        root = Path(data_root) if data_root is not None else \
+            Path(os.path.commonpath([Path(os.path.abspath(p)).parent for p in paths]))
+        known = dict(zip(store.images()["sha256"].to_pylist(), store.image_paths()))
+        new, skipped = [], []
+        for p in paths:
+            rec = ImageRecord.from_file(p, root)  # InputError naming an unreadable file
+            if rec.sha256 in known:
+                skipped.append(rec.path)
+            else:
+                known[rec.sha256] = rec.path
+                new.append(p)
+        if skipped:
+            log(f"skipped {len(skipped)} frame(s) already in the patch store (same SHA-256): "
+                f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
+        if not new:
+            log(f"nothing to add: the index at {index_dir} is unchanged ({index.version})")
+            return index
+        _reuse(index, embedder)
+        embedder = embedder_for(index, weights)
+        geometry = geometry_of(index)
+        bit_depth = (index.manifest.extra.get("decode") or {}).get("bit_depth")
+        project, space = _projector(index.manifest, index.dim)
+        radius, computed = _covering_radius(index, store, project, space, log)
+        partitions = [int(p) for p in index.manifest.store["partitions"]]
+        part = max(partitions) + 1
+        with new_version(index_dir) as tmp:
+            for name in store.files:
+                _link(index.directory / name, tmp / name)
+            t0 = time.perf_counter()
+            with PatchStoreWriter(tmp, store.dim, partition=part, first_image_id=store.num_images) as writer:
+                embed_frames(writer, new, embedder, geometry, root, batch_size, workers, bit_depth, progress,
+                             what="frame")
+            t_embed = time.perf_counter() - t0
+            grown = PatchStore(tmp, partitions=partitions + [part])
+            rows = np.arange(store.num_patches, grown.num_patches)
+            fresh = grown.embeddings(rows)
+            t0 = time.perf_counter()
+            picked, largest = cover(project(index.bank), project(fresh), radius)
+            t_cover = time.perf_counter() - t0
+            start = index.size
+            bank = np.concatenate([np.asarray(index.bank), fresh[picked]])
+            src = grown.locations(rows[picked])
+            old_src = index.memory_bank.sources
+            sources = {"store_row": np.concatenate([old_src["store_row"], rows[picked]]).astype(np.int64),
+                       **{k: np.concatenate([old_src[k], src[k]]) for k in ("image_id", "tile", "row", "col")}}
+            t0 = time.perf_counter()
+            support, redone = _support_after_add(index.support, bank, start)
+            shards = _shards_after_add(index, bank, start)
+            t_index = time.perf_counter() - t0
+            frames = [relative_path(p, root) for p in new]
+            record = _record("add", frames, index, store, len(bank), grown, radius, space, largest)
+            record["skipped_duplicates"] = skipped
+            record["support_sets_recomputed"] = None if support is None else int(redone + len(bank) - start)
+            if computed:
+                record["radius_computed_at_update"] = True
+            log(f"added {len(new)} frame(s): {grown.num_patches - store.num_patches} patches "
+                f"(embedded in {t_embed:.1f} s); {len(picked)} joined the memory bank "
+                f"({start} -> {len(bank)} rows; covering radius {radius:.4f}, {space}, L2) in {t_cover:.2f} s")
+            t0 = time.perf_counter()
+            built = _finish(index, bank, sources, support, shards, grown, partitions + [part], record, radius,
+                            space, data_root, batch_size, log, embedder, weights)
+            record["seconds"] = {"embed": round(t_embed, 3), "cover": round(t_cover, 3),
+                                 "index": round(t_index, 3), "calibrate": round(time.perf_counter() - t0, 3),
+                                 "total": round(time.perf_counter() - t_start, 3)}
+            built.write(tmp)
+            _still_current(index_dir, index)
+    finally:
+        index.close()
+    tidy(index_dir)
+    return PatchIndex.load(index_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# remove
+
+def _match(store: PatchStore, paths: Sequence[Path], root: Path | None, index_dir: Path) -> list[int]:
+    """Image ids of the given frames: by path as recorded (relative to ``root``) or, for an
+    existing file, by its SHA-256. InputError naming a frame that is not in the store."""
+    images = store.images()
+    ids = images["image_id"].to_pylist()
+    by_path = {p: i for p, i in zip(images["path"].to_pylist(), ids)}
+    by_sha = {}
+    for s, i in zip(images["sha256"].to_pylist(), ids):
+        by_sha.setdefault(s, []).append(i)
+    out = []
+    for p in paths:
+        found = []
+        for key in {relative_path(p, root) if root is not None else None, Path(p).as_posix(),
+                    relative_path(p, Path.cwd())} - {None}:
+            if key in by_path:
+                found.append(by_path[key])
+        if Path(p).is_file():
+            found += by_sha.get(sha256(p), [])
+        if not found:
+            raise InputError(f"{p}: not in the patch store of the index at {index_dir} (no frame with this "
+                             "path or SHA-256); 'patchsearch info' lists the frames added")
+        out += found
+    return sorted(set(out))
+
+
+def _rewrite(src: PatchStore, directory: Path, partition: int, first_id: int, drop: set[int],
+             chunk: int = 32) -> int:
+    """Write partition ``partition`` of ``src`` (opened alone) into ``directory`` without the
+    images in ``drop``, image ids from ``first_id`` on, in the same order.
+    Returns the number of images written (0: nothing written)."""
+    images = src.images()
+    keep = [i for i, old in enumerate(images["image_id"].to_pylist()) if old not in drop]
+    if not keep:
+        return 0
+    loc = src.locations(np.arange(src.num_patches))
+    image_rows = loc["image_id"].astype(np.int64)
+    starts = np.searchsorted(image_rows, np.asarray(images["image_id"].to_pylist()), side="left")
+    ends = np.searchsorted(image_rows, np.asarray(images["image_id"].to_pylist()), side="right")
+    tiles = int(loc["tile"].max()) + 1
+    h, w = int(loc["row"].max()) + 1, int(loc["col"].max()) + 1
+    rows_per_image = tiles * h * w
+    with PatchStoreWriter(directory, src.dim, partition=partition, first_image_id=first_id) as writer:
+        for s in range(0, len(keep), chunk):
+            part = keep[s:s + chunk]
+            recs, rows = [], []
+            for i in part:
+                r = images.slice(i, 1).to_pylist()[0]
+                recs.append(ImageRecord(r["path"], r["size"], r["sha256"], r["height"], r["width"]))
+                if ends[i] - starts[i] != rows_per_image:
+                    raise IndexFormatError(f"{src.directory / src.files[1]}: image {r['image_id']} has "
+                                           f"{ends[i] - starts[i]} patches, not {rows_per_image}")
+                rows.append(np.arange(starts[i], ends[i]))
+            emb = src.embeddings(np.concatenate(rows)).reshape(len(part), tiles, h, w, src.dim)
+            writer.write(recs, emb if tiles > 1 else emb[:, 0], tiles=tiles if tiles > 1 else None)
+    return len(keep)
+
+
+def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
+                  data_root: str | os.PathLike | None = None, weights: str | None = None, batch_size: int = 16,
+                  log: Log = lambda msg: None, embedder=None) -> PatchIndex:
+    """Take frames back out of the current version of an index: a new version (module docstring).
+
+    Args:
+        paths: the frames, by their path as recorded in the store (relative to ``data_root``)
+            or by their file (matched by SHA-256).
+        data_root, weights, batch_size, embedder: as :func:`add_images` (paths; the held-aside
+            calibration frames are re-scored with the backbone).
+
+    Returns:
+        the new version, loaded.
+
+    Raises:
+        InputError: no frame given, a frame not in the store, or every frame of the store.
+        IndexFormatError: no index, or one without a patch store.
+    """
+    index_dir, paths = Path(index_dir), [Path(p) for p in paths]
+    if not paths:
+        raise InputError("no frame to remove")
+    t_start = time.perf_counter()
+    index, store = _open_base(index_dir)
+    try:
+        root = Path(data_root) if data_root is not None else None
+        _reuse(index, embedder)
+        drop = set(_match(store, paths, root, index_dir))
+        if len(drop) >= store.num_images:
+            raise InputError(f"removing {len(drop)} frame(s) would leave the patch store of {index_dir} empty")
+        frames = [store.image_paths()[i] for i in sorted(drop)]
+        project, space = _projector(index.manifest, index.dim)
+        radius, computed = _covering_radius(index, store, project, space, log)
+        partitions = [int(p) for p in index.manifest.store["partitions"]]
+        # store rows of the removed frames, and old -> new store rows / image ids
+        image_of_row = store.locations(np.arange(store.num_patches))["image_id"].astype(np.int64)
+        gone = np.isin(image_of_row, np.fromiter(drop, np.int64))
+        row_map = np.where(gone, -1, np.cumsum(~gone) - 1)
+        kept_ids = np.array([i for i in range(store.num_images) if i not in drop], dtype=np.int64)
+        id_map = np.full(store.num_images, -1, np.int64)
+        id_map[kept_ids] = np.arange(len(kept_ids))
+        with new_version(index_dir) as tmp:
+            new_parts, first_id, touched = [], 0, False
+            for p in partitions:
+                one = PatchStore(index.directory, partitions=[p])
+                ids = set(range(one.first_image_id, one.first_image_id + one.num_images))
+                touched = touched or bool(ids & drop)
+                if not touched:
+                    for name in partition_files(p):
+                        _link(index.directory / name, tmp / name)
+                    n = one.num_images
+                else:
+                    n = _rewrite(one, tmp, p, first_id, drop)
+                if n:
+                    new_parts.append(p)
+                    first_id += n
+            shrunk = PatchStore(tmp, partitions=new_parts)
+            old_src = index.memory_bank.sources
+            keep_rows = np.nonzero(row_map[old_src["store_row"]] >= 0)[0]
+            removed_rows = np.nonzero(row_map[old_src["store_row"]] < 0)[0]
+            kept_bank = np.asarray(index.bank)[keep_rows]
+            t0 = time.perf_counter()
+            picked = np.empty(0, np.int64)
+            largest = 0.0
+            if len(removed_rows):
+                # the remaining patches that only removed rows may have covered
+                gone_proj = project(np.asarray(index.bank)[removed_rows])
+                limit = (radius * (1 + REL_TOL)) ** 2
+                cand = []
+                for s in range(0, shrunk.num_patches, 65536):
+                    rows = np.arange(s, min(shrunk.num_patches, s + 65536))
+                    d2 = faiss().knn(project(shrunk.embeddings(rows)), gone_proj, 1)[0][:, 0]
+                    cand.append(rows[d2 <= limit])
+                cand = np.concatenate(cand)
+                local, largest = cover(project(kept_bank), project(shrunk.embeddings(cand)), radius)
+                picked = cand[local]
+            t_cover = time.perf_counter() - t0
+            bank = np.concatenate([kept_bank, shrunk.embeddings(picked)]) if len(picked) else kept_bank
+            if len(bank) == 0:
+                raise InputError(f"removing {len(drop)} frame(s) would leave the memory bank of {index_dir} empty")
+            src = shrunk.locations(picked)
+            sources = {"store_row": np.concatenate([row_map[old_src["store_row"][keep_rows]], picked]).astype(np.int64),
+                       "image_id": np.concatenate([id_map[old_src["image_id"][keep_rows]], src["image_id"]]
+                                                  ).astype(np.int32),
+                       **{k: np.concatenate([old_src[k][keep_rows], src[k]]).astype(np.int16)
+                          for k in ("tile", "row", "col")}}
+            t0 = time.perf_counter()
+            support = None if index.support is None else \
+                exact_support_sets(bank, KnnSearcher(bank), _support_width(index.support, index.size))
+            shards = _shards_rebuilt(index, bank)
+            t_index = time.perf_counter() - t0
+            record = _record("remove", frames, index, store, len(bank), shrunk, radius, space, largest)
+            record["bank_rows_removed"] = int(len(removed_rows))
+            record["bank_rows_reselected"] = int(len(picked))
+            if computed:
+                record["radius_computed_at_update"] = True
+            log(f"removed {len(drop)} frame(s): {store.num_patches - shrunk.num_patches} patches, "
+                f"{len(removed_rows)} memory-bank rows; {len(picked)} re-selected ({index.size} -> {len(bank)} rows; "
+                f"covering radius {radius:.4f}, {space}, L2) in {t_cover:.2f} s")
+            t0 = time.perf_counter()
+            built = _finish(index, bank, sources, support, shards, shrunk, new_parts, record, radius, space,
+                            root, batch_size, log, getattr(index, "_embedder", None), weights)
+            record["seconds"] = {"cover": round(t_cover, 3), "index": round(t_index, 3),
+                                 "calibrate": round(time.perf_counter() - t0, 3),
+                                 "total": round(time.perf_counter() - t_start, 3)}
+            built.write(tmp)
+            _still_current(index_dir, index)
+    finally:
+        index.close()
+    tidy(index_dir)
+    return PatchIndex.load(index_dir)
+
+
+def history(manifest) -> list[dict]:
+    """The update records of an index version (oldest first; empty for a fresh build)."""
+    return list((manifest.extra or {}).get("history") or [])
