@@ -23,6 +23,12 @@ class IndexFormatError(PatchsearchError):
     incompatible with what was asked (other backbone, other embedding dimension)."""
 
 
+class VersionConflict(PatchsearchError):
+    """Another writer installed a version of an index directory after this writer prepared
+    its own from an older one (:func:`patchsearch.versions.new_version`); nothing was
+    installed, and running the update again starts from the new version."""
+
+
 def check_finite(array, what: str, chunk: int = 65536, first_row: int = 0) -> None:
     """Raise :class:`InputError` naming ``what`` and the first bad row block if ``array``
     (an (N, ...) numpy array or memory map) holds NaN or infinite values. Checked in

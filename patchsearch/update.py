@@ -58,7 +58,7 @@ from .files import sha256
 from .index import PatchIndex
 from .searchers import KnnSearcher, build_flat_shards, faiss, shard_bounds
 from .store import ImageRecord, PatchStore, PatchStoreWriter, partition_files, relative_path
-from .versions import current_version, new_version, tidy
+from .versions import new_version, tidy
 
 Log = Callable[[str], None]
 REL_TOL = 1e-4  # relative slack on the covering radius for float32 rounding of distances
@@ -333,15 +333,6 @@ def _reuse(index: PatchIndex, embedder) -> None:
         index._embedder = embedder
 
 
-def _still_current(index_dir: Path, index: PatchIndex) -> None:
-    """InputError if another writer installed a version since ``index`` was read (its update
-    would be lost under this one)."""
-    now = current_version(index_dir)
-    if now != index.version:
-        raise InputError(f"{index_dir}: another writer installed {now} while this update was prepared from "
-                         f"{index.version}; nothing was installed: run it again")
-
-
 def _link(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -441,7 +432,7 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
         radius, computed = _covering_radius(index, store, project, space, log)
         partitions = [int(p) for p in index.manifest.store["partitions"]]
         part = max(partitions) + 1
-        with new_version(index_dir) as tmp:
+        with new_version(index_dir, expect_current=index.version) as tmp:
             for name in store.files:
                 _link(index.directory / name, tmp / name)
             t0 = time.perf_counter()
@@ -481,7 +472,6 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
                                  "index": round(t_index, 3), "calibrate": round(time.perf_counter() - t0, 3),
                                  "total": round(time.perf_counter() - t_start, 3)}
             built.write(tmp)
-            _still_current(index_dir, index)
     finally:
         index.close()
     tidy(index_dir)
@@ -588,7 +578,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
         kept_ids = np.array([i for i in range(store.num_images) if i not in drop], dtype=np.int64)
         id_map = np.full(store.num_images, -1, np.int64)
         id_map[kept_ids] = np.arange(len(kept_ids))
-        with new_version(index_dir) as tmp:
+        with new_version(index_dir, expect_current=index.version) as tmp:
             new_parts, first_id, touched = [], 0, False
             for p in partitions:
                 one = PatchStore(index.directory, partitions=[p])
@@ -653,7 +643,6 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
                                  "calibrate": round(time.perf_counter() - t0, 3),
                                  "total": round(time.perf_counter() - t_start, 3)}
             built.write(tmp)
-            _still_current(index_dir, index)
     finally:
         index.close()
     tidy(index_dir)

@@ -40,7 +40,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .errors import IndexFormatError
+from .errors import IndexFormatError, VersionConflict
 from .files import FileLock, atomic_write, fsync_dir, fsync_tree, is_locked
 
 CURRENT = "CURRENT"
@@ -209,15 +209,27 @@ def _remove_legacy(root: Path) -> list[str]:
     return removed
 
 
+_ANY = object()
+
+
 @contextlib.contextmanager
-def new_version(root: str | os.PathLike):
+def new_version(root: str | os.PathLike, expect_current=_ANY):
     """Write a new version: yields an empty directory; on success it becomes current.
 
     If the body raises (or the process dies), the current version is untouched and
     the temporary directory is removed (by the next writer, after a crash).
 
+    Args:
+        expect_current: for a writer that derives its version from a version it read
+            (``patchsearch add`` / ``remove``): install only if ``CURRENT`` still names
+            it, checked under the writer ``LOCK`` in the same critical section as the
+            install, so no other writer's version can be overwritten unseen.
+
     Yields:
         Path of the temporary directory to write the version's files into.
+
+    Raises:
+        VersionConflict: ``CURRENT`` no longer names ``expect_current`` (nothing installed).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -229,6 +241,10 @@ def new_version(root: str | os.PathLike):
         yield tmp
         fsync_tree(tmp)
         with FileLock(root / LOCK):
+            now = current_version(root)
+            if expect_current is not _ANY and now != expect_current:
+                raise VersionConflict(f"{root}: another writer installed {now} while this update was prepared "
+                                      f"from {expect_current}; nothing was installed: run it again")
             install(root, tmp)
             collect_garbage(root)
     finally:

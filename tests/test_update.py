@@ -469,8 +469,8 @@ def test_queries_during_add_never_fail(built, tmp_path):
 
 def test_an_update_never_drops_another_writers_version(built, tmp_path):
     """A rebuild installed while an add is being prepared: the add refuses to install over it."""
-    from patchsearch.errors import InputError
     from patchsearch.pipeline import rebuild
+    from patchsearch.versions import VersionConflict
 
     root, idx, emb = built
     path = _copy(idx, tmp_path)
@@ -480,7 +480,7 @@ def test_an_update_never_drops_another_writers_version(built, tmp_path):
         if msg.startswith("added") and not fired:
             fired.append(rebuild(path).size)
 
-    with pytest.raises(InputError, match="another writer installed v000002"):
+    with pytest.raises(VersionConflict, match="another writer installed v000002"):
         add_images(path, [root / "widget/line/good_0.png"], data_root=root / "widget", embedder=emb, log=meanwhile)
     assert fired and (path / "CURRENT").read_text().strip() == "v000002"
     assert PatchIndex.load(path).manifest.store["num_images"] == 4  # the rebuild's version, intact

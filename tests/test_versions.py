@@ -32,6 +32,24 @@ def test_current_names_the_newest_complete_version(tmp_path):
     assert loaded.version == "v000002" and loaded.size == 200
 
 
+def test_expect_current_refuses_to_install_over_another_writers_version(tmp_path):
+    """A writer that prepared its version from v000001 installs nothing once another writer
+    has installed v000002 (checked under LOCK, with the install); with v000001 still current
+    it installs."""
+    from patchsearch.errors import VersionConflict
+
+    root = tmp_path / "cat"
+    PatchIndex.from_embeddings(_bank(seed=1)).save(root)
+    with pytest.raises(VersionConflict, match="another writer installed v000002"):
+        with versions.new_version(root, expect_current="v000001") as tmp:
+            (tmp / "x").write_text("prepared from v000001")
+            PatchIndex.from_embeddings(_bank(200, seed=2)).save(root)  # the other writer, meanwhile
+    assert versions.current_version(root) == "v000002" and _dirs(root) == ["v000002"]
+    with versions.new_version(root, expect_current="v000002") as tmp:
+        (tmp / "x").write_text("prepared from v000002")
+    assert versions.current_version(root) == "v000003" and (root / "v000003" / "x").exists()
+
+
 def test_a_leased_version_stays_until_released(tmp_path):
     root = tmp_path / "cat"
     PatchIndex.from_embeddings(_bank(seed=1)).save(root)
