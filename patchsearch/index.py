@@ -10,6 +10,8 @@ and patch they came from), and per image PatchCore's reweighted score (paper Eq.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,12 @@ from .versions import Lease, current_version, new_version, open_version
 
 K = 9  # nearest neighbours reported per patch
 AUTO_INT8_DIM = 512  # below this FAISS flat is already faster than the int8 pass
+# Precompute the bank's exact kNN graph (support sets of every row) only where it is cheap:
+# M^2 d <= this (about 16k x 152 or 5k x 1536; measured 1.5 s / 1.2 s on the 2-core Xeon,
+# see the README's support-set table). Larger banks and IVF indexes search N_b(m*) at
+# query time (:meth:`PatchIndex.support_sets`).
+SUPPORT_GRAPH_MAX_FLOPS = 4e10
+SUPPORT_CACHE = 4096  # support sets kept per index (LRU, keyed by bank row)
 
 
 class PatchIndex:
@@ -51,6 +59,9 @@ class PatchIndex:
         self._lease = lease
         self._sharded = searchers.ShardedSearcher(shards, gpu=gpu)
         self.searcher = self._sharded
+        self._support_cache: OrderedDict = OrderedDict()  # (bank row, b) -> int64 (b,)
+        self._support_lock = threading.Lock()
+        self._exact_bank = None  # searchers.KnnSearcher over the bank, made on first need
         if self._sharded.is_ivf:
             self.searcher = ivf.IVFPQSearcher(self._sharded, self.bank, manifest.index["params"])
         elif not self._sharded.on_gpu and exact != "faiss":
@@ -64,7 +75,7 @@ class PatchIndex:
     def from_embeddings(cls, bank: np.ndarray, shards: int = 1, index: str = "flat", *,
                         nlist: int | None = None, pq_m: int | None = None, pq_bits: int | None = None,
                         nprobe: int | None = None, rerank: int | None = None, target_recall: float = 0.95,
-                        recall_queries: np.ndarray | None = None, support_sets: bool = True, b: int = B,
+                        recall_queries: np.ndarray | None = None, support_sets: bool | str = "auto", b: int = B,
                         seed: int = 0, sources: dict | None = None, images: list[str] | None = None,
                         manifest: dict | None = None, gpu: bool | None = None, exact: str = "auto") -> "PatchIndex":
         """Index a memory bank.
@@ -79,8 +90,12 @@ class PatchIndex:
                 (doubling) until recall@9 reaches ``target_recall``.
             recall_queries: float32 (n, d) held-aside patches for measuring IVF-PQ
                 recall@9 (default: 1000 bank rows, themselves excluded).
-            support_sets: precompute N_b(m) for every bank row (exact kNN graph of the
-                bank) so that a query needs one search instead of two (Eq. 7).
+            support_sets: precompute N_b(m) for every bank row (the bank's exact kNN
+                graph, O(M^2 d)) so that a query needs one search instead of two (Eq. 7).
+                ``"auto"`` or True: only for flat indexes where M^2 d <=
+                :data:`SUPPORT_GRAPH_MAX_FLOPS` (never for IVF); ``"always"``: every
+                index; False: never. Without them :meth:`support_sets` searches N_b(m*)
+                exactly at query time (same result).
             b: support-set size.
             seed: seeds the IVF-PQ training sample and k-means.
             sources, images: where each bank row came from (see :class:`MemoryBank`).
@@ -108,7 +123,10 @@ class PatchIndex:
         if index == "ivfpq":
             man.index["params"] = ivf.tune_nprobe(out.searcher, recall_queries, target_recall, tune=nprobe is None,
                                                   seed=seed)
-        if support_sets:
+        if support_sets not in (True, False, "auto", "always"):
+            raise InputError(f"support_sets must be True, False, 'auto' or 'always', got {support_sets!r}")
+        cheap = index == "flat" and float(len(bank)) ** 2 * bank.shape[1] <= SUPPORT_GRAPH_MAX_FLOPS
+        if support_sets == "always" or (support_sets in (True, "auto") and cheap):
             exact_searcher = searchers.KnnSearcher(bank) if not out._sharded.on_gpu else \
                 searchers.ShardedSearcher(searchers.build_flat_shards(bank), gpu=True)
             out.memory_bank.support = exact_support_sets(bank, exact_searcher, b)
@@ -286,15 +304,52 @@ class PatchIndex:
         return np.sqrt(np.maximum(d2, 0.0)), rows
 
     def support_sets(self, rows: np.ndarray, b: int = B) -> np.ndarray:
-        """N_b(m) for memory-bank rows m: int64 (n, min(b, M)), m itself first, then its
-        nearest other bank rows by increasing L2. From the precomputed support sets
-        when the index has them (same b), else by a search."""
-        rows = np.asarray(rows, dtype=np.int64)
+        """N_b(m) for memory-bank rows m (Eq. 7): int64 (n, min(b, M)), m itself first, then
+        its nearest other bank rows by increasing L2.
+
+        From the precomputed support sets when the index has them (same b); else by one
+        exact search of the bank for the rows not in a small LRU cache (keyed by bank row,
+        :data:`SUPPORT_CACHE` entries): the index's own searcher where it is exact (flat),
+        ``faiss.knn`` over the memory bank for IVF indexes, so N_b stays exact.
+
+        Raises:
+            InputError: a row outside [0, M).
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.size):
+            raise InputError(f"memory-bank rows must be in [0, {self.size}), got {rows.min()}..{rows.max()}")
         b = min(b, self.size)
         if self.support is not None and self.support.shape[1] == b:
             return np.asarray(self.support[rows])
-        _, nn = self.knn(self.bank[rows], min(b + 1, self.size))
-        return support_from_neighbours(rows, nn, b)
+        out = np.empty((len(rows), b), np.int64)
+        with self._support_lock:
+            hit = [self._support_cache.get((int(r), b)) for r in rows]
+            for r, h in zip(rows, hit):
+                if h is not None:
+                    self._support_cache.move_to_end((int(r), b))
+        todo = np.array([i for i, h in enumerate(hit) if h is None], np.int64)
+        for i, h in enumerate(hit):
+            if h is not None:
+                out[i] = h
+        if todo.size:
+            need = np.unique(rows[todo])
+            _, nn = self._exact().search(np.asarray(self.bank[need]), min(b + 1, self.size))
+            found = support_from_neighbours(need, nn, b)
+            out[todo] = found[np.searchsorted(need, rows[todo])]
+            with self._support_lock:
+                for r, sup in zip(need, found):
+                    self._support_cache[(int(r), b)] = sup
+                while len(self._support_cache) > SUPPORT_CACHE:
+                    self._support_cache.popitem(last=False)
+        return out
+
+    def _exact(self):
+        """An exact searcher over the memory bank: the index's own for flat, else ``faiss.knn``."""
+        if not self._sharded.is_ivf:
+            return self.searcher
+        if self._exact_bank is None:
+            self._exact_bank = searchers.KnnSearcher(self.bank)
+        return self._exact_bank
 
     def search(self, patches: np.ndarray, k: int = K, b: int = B) -> SearchResult:
         """Search the patch embeddings of N images.
@@ -315,6 +370,10 @@ class PatchIndex:
             raise InputError(f"patches must be (N, P, {self.dim}), got {patches.shape}")
         n, p, d = patches.shape
         dist, loc = self.knn(patches.reshape(n * p, d), k)
+        missing = np.nonzero((loc < 0).any(axis=1))[0]
+        if missing.size:  # fewer than k candidates (IVF): search those patches exactly, so no -1 is m*
+            d2, r = self._exact().search(patches.reshape(n * p, d)[missing], k)
+            dist[missing], loc[missing] = np.sqrt(np.maximum(d2, 0.0)), r
         dist, loc = dist.reshape(n, p, k), loc.reshape(n, p, k)
         top = dist[..., 0].argmax(axis=1)
         ar = np.arange(n)

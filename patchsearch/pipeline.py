@@ -169,6 +169,9 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
         seed = old.coreset["seed"] if seed is None else seed
         shards = len(old.index["shards"]) if shards is None else shards
         index = check_index_type(old.index_type if index is None else index)
+        if index == "ivfpq" and old.index_type == "ivfpq":
+            index_params = kept_ivf_params(old.index.get("params") or {}, index_params,
+                                           same_bank=coreset_ratio == old.coreset["ratio"])
         meta = {"category": old.category, "backbone": old.backbone, "geometry": old.geometry, "grid": old.grid,
                 "store": old.store, "extra": old.extra}
         timings = {}
@@ -189,6 +192,22 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
     built.path = index_dir
     log(f"index rebuilt in {index_dir}")
     return built
+
+
+def kept_ivf_params(recorded: dict, given: dict | None, same_bank: bool) -> dict:
+    """IVF parameters for a rebuild: those ``given``, else those recorded in the old manifest.
+
+    Kept when not given: ``pq_m``, ``pq_bits``, ``rerank`` (so ``--rerank 0`` stays
+    0), and ``nlist`` where the coreset ratio is unchanged (``same_bank``; another
+    ratio gives another bank size, and nlist is then chosen for it). ``nprobe`` is
+    not kept: it was tuned for recall on the old bank and is tuned again (unless given).
+    """
+    out = dict(given or {})
+    keys = ("pq_m", "pq_bits", "rerank") + (("nlist",) if same_bank else ())
+    for key in keys:
+        if key not in out and recorded.get(key) is not None:
+            out[key] = recorded[key]
+    return out
 
 
 def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: float, seed: int, shards: int,
