@@ -26,7 +26,9 @@ from .score import reweighted_scores
 from .versions import Lease, current_version, new_version, open_version
 
 K = 9  # nearest neighbours reported per patch
-AUTO_INT8_DIM = 512  # below this FAISS flat is already faster than the int8 pass
+# exact="auto" no longer picks the int8 pass: on the 2-core Xeon (AVX512-VNNI, AMX-INT8)
+# it was slower than faiss.IndexFlatL2 in 10 of 12 measurements at 16k-160k x 512/1536
+# (README, int8 table); it stays available as exact="int8".
 # Precompute the bank's exact kNN graph (support sets of every row) only where it is cheap:
 # M^2 d <= this (about 16k x 152 or 5k x 1536; measured 1.5 s / 1.2 s on the 2-core Xeon,
 # see the README's support-set table). Larger banks and IVF indexes search N_b(m*) at
@@ -64,11 +66,10 @@ class PatchIndex:
         self._exact_bank = None  # searchers.KnnSearcher over the bank, made on first need
         if self._sharded.is_ivf:
             self.searcher = ivf.IVFPQSearcher(self._sharded, self.bank, manifest.index["params"])
-        elif not self._sharded.on_gpu and exact != "faiss":
-            from .int8 import Int8Searcher, cpu_has_int8_dot
+        elif not self._sharded.on_gpu and exact == "int8":
+            from .int8 import Int8Searcher
 
-            if exact == "int8" or (self.dim >= AUTO_INT8_DIM and cpu_has_int8_dot()):
-                self.searcher = Int8Searcher(self.bank, self._sharded)
+            self.searcher = Int8Searcher(self.bank, self._sharded)  # codes built on first search
 
     # construction -------------------------------------------------------------------
     @classmethod
@@ -77,17 +78,21 @@ class PatchIndex:
                         nprobe: int | None = None, rerank: int | None = None, target_recall: float = 0.95,
                         recall_queries: np.ndarray | None = None, support_sets: bool | str = "auto", b: int = B,
                         seed: int = 0, sources: dict | None = None, images: list[str] | None = None,
-                        manifest: dict | None = None, gpu: bool | None = None, exact: str = "auto") -> "PatchIndex":
+                        manifest: dict | None = None, gpu: bool | None = None, exact: str = "auto",
+                        layout: str | None = None) -> "PatchIndex":
         """Index a memory bank.
 
         Args:
             bank: float (M, d) memory bank (converted to float32).
             shards: number of FAISS shards (results equal one shard; ids stay bank rows).
-            index: index type, ``"flat"`` (exact L2, ``faiss.IndexFlatL2``) or ``"ivfpq"``
-                (``faiss.IndexIVFPQ`` candidates re-ranked with exact L2).
-            nlist, pq_m, pq_bits, nprobe, rerank: IVF-PQ parameters; those not given are
-                chosen by :func:`patchsearch.ivf.auto_params`, and nprobe is then raised
-                (doubling) until recall@9 reaches ``target_recall``.
+            index: index type, ``"flat"`` (exact L2, ``faiss.IndexFlatL2``) or ``"ivf"``
+                (``"ivfpq"`` is the older name of the same): IVF candidates in the layout
+                ``layout`` (:data:`patchsearch.ivf.LAYOUTS`) re-ranked with exact L2.
+            nlist, pq_m, pq_bits, nprobe, rerank: IVF parameters; those not given are
+                chosen by :func:`patchsearch.ivf.auto_params`, and nprobe is then tuned to
+                the smallest value whose recall@9 reaches ``target_recall``.
+            layout: IVF code layout (``"rabitqfs"``, ``"rabitq"``, ``"pqfs"``,
+                ``"opq-pqfs"``, ``"pq"``); None = :func:`patchsearch.ivf.choose_layout`.
             recall_queries: float32 (n, d) held-aside patches for measuring IVF-PQ
                 recall@9 (default: 1000 bank rows, themselves excluded).
             support_sets: precompute N_b(m) for every bank row (the bank's exact kNN
@@ -102,8 +107,9 @@ class PatchIndex:
             manifest: build metadata for the manifest (category, backbone, geometry, ...).
             gpu: place shards on GPUs; None = when faiss sees GPUs.
             exact: flat search on CPU: ``"faiss"`` (IndexFlatL2), ``"int8"``
-                (:class:`patchsearch.int8.Int8Searcher`) or ``"auto"`` (int8 where the CPU
-                has VNNI and d >= 512, else faiss).
+                (:class:`patchsearch.int8.Int8Searcher`, needs torch >= 2.3; its codes are
+                built on the first search, not on load) or ``"auto"`` (faiss: the int8
+                pass was not measured faster on this project's CPU, see the README).
 
         Raises:
             InputError: not a non-empty 2-D float array, NaN/inf values, bad shard count,
@@ -112,15 +118,15 @@ class PatchIndex:
         bank = check_embeddings(bank)
         searchers.check_index_type(index)
         params = {}
-        if index == "ivfpq":
-            params = ivf.auto_params(len(bank), bank.shape[1], nlist, pq_m, pq_bits, nprobe, rerank)
+        if index in searchers.IVF_TYPES:
+            params = ivf.auto_params(len(bank), bank.shape[1], nlist, pq_m, pq_bits, nprobe, rerank, layout)
             built = ivf.build_shards(bank, shards, params, seed=seed)
         else:
             built = searchers.build_flat_shards(bank, shards)
         man = Manifest(embedding_dim=int(bank.shape[1]), memory_bank={"file": BANK_FILE, "size": len(bank)},
                        index={"type": index, "metric": "L2", "params": params}, **(manifest or {}))
         out = cls(MemoryBank(bank, sources, images), built, man, gpu=gpu, exact=exact)
-        if index == "ivfpq":
+        if index in searchers.IVF_TYPES:
             man.index["params"] = ivf.tune_nprobe(out.searcher, recall_queries, target_recall, tune=nprobe is None,
                                                   seed=seed)
         if support_sets not in (True, False, "auto", "always"):
@@ -261,11 +267,12 @@ class PatchIndex:
 
     @property
     def index_type(self) -> str:
-        return "ivfpq" if self._sharded.is_ivf else "flat"
+        """``"flat"``, or the IVF name it was built with (``"ivf"``, or ``"ivfpq"`` as before)."""
+        return self.manifest.index.get("type", "ivf") if self._sharded.is_ivf else "flat"
 
     @property
     def params(self) -> dict:
-        """IVF-PQ parameters and measured recall ({} for flat)."""
+        """IVF parameters (layout, nlist, nprobe, rerank, ...) and measured recall ({} for flat)."""
         return self.searcher.params if isinstance(self.searcher, ivf.IVFPQSearcher) else {}
 
     @property
@@ -280,7 +287,7 @@ class PatchIndex:
             InputError: not an IVF-PQ index, or nprobe outside [1, nlist].
         """
         if not isinstance(self.searcher, ivf.IVFPQSearcher):
-            raise InputError("--nprobe applies to IVF-PQ indexes only (this index is flat)")
+            raise InputError("--nprobe applies to IVF indexes only (this index is flat)")
         self.searcher.set_nprobe(nprobe)
 
     # search -------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def test_rebuild_keeps_recorded_ivf_parameters(tmp_path, mvtec_root):
     idx = tmp_path / "indexes"
     small = ["--resize", "64", "--crop", "64"]
     out = _run("build", "--category", "widget", "--data-root", mvtec_root, "--index-dir", idx, "--coreset-ratio",
-               "0.5", "--index", "ivfpq", "--nlist", "4", "--pq-m", "19", "--rerank", "0", *small)
+               "0.5", "--index", "ivfpq", "--ivf-layout", "pq", "--nlist", "4", "--pq-m", "19", "--rerank", "0", *small)
     assert (out["ivfpq"]["rerank"], out["ivfpq"]["nlist"], out["ivfpq"]["pq_m"]) == (0, 4, 19)
     out = _run("rebuild", "--category", "widget", "--index-dir", idx)  # nothing given: all kept
     assert (out["ivfpq"]["rerank"], out["ivfpq"]["nlist"], out["ivfpq"]["pq_m"]) == (0, 4, 19)
@@ -144,3 +144,67 @@ def test_support_graph_only_for_small_flat_banks(tmp_path, monkeypatch):
     loaded.close()
     q = _clustered(4 * 20, 16, seed=8).reshape(4, 20, 16)
     np.testing.assert_array_equal(big.search(q).image_scores, old.search(q).image_scores)
+
+
+def test_int8_is_built_on_first_search_not_on_load_and_needs_torch_2_3(tmp_path, monkeypatch):
+    from patchsearch.errors import InputError
+    from patchsearch.int8 import Int8Searcher
+    bank = _clustered(3000, 64)
+    PatchIndex.from_embeddings(bank).save(tmp_path / "i")
+    auto = PatchIndex.load(tmp_path / "i")
+    assert not isinstance(auto.searcher, Int8Searcher)  # auto: faiss (int8 not measured faster here)
+    auto.close()
+    index = PatchIndex.load(tmp_path / "i", exact="int8")
+    assert isinstance(index.searcher, Int8Searcher) and index.searcher.codes_t is None  # nothing built on load
+    q = _clustered(200, 64, seed=2) + np.float32(0.2)
+    rows = index.knn(q, 9)[1]
+    assert index.searcher.codes_t is not None and index.searcher.codes_t.shape == (64, 3000)
+    exact = ((q[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(rows, np.argsort(exact, 1, kind="stable")[:, :9])
+    index.close()
+    import torch
+    monkeypatch.setattr(torch, "__version__", "2.2.1")
+    with pytest.raises(InputError, match="torch >= 2.3"):
+        PatchIndex.from_embeddings(bank, exact="int8")
+
+
+@pytest.mark.parametrize("layout", ["rabitqfs", "rabitq", "pqfs", "opq-pqfs", "pq"])
+def test_ivf_layouts_are_tuned_on_held_aside_patches_and_reranked_exactly(tmp_path, layout):
+    import faiss
+    from patchsearch.ivf import recall_at_k
+    x = _clustered(5000, 32, seed=1)
+    bank, held, q = x[:4000], x[4000:4500], x[4500:]
+    index = PatchIndex.from_embeddings(bank, index="ivf", layout=layout, nlist=32, recall_queries=held)
+    p = index.params
+    assert p["layout"] == layout and p["recall_queries_kind"] == "held-aside" and p["recall_queries"] == 500
+    assert p["recall_at_9"] >= 0.95 or p["nprobe"] == 32
+    if p["nprobe"] > 1:  # the smallest nprobe reaching the target on the held-aside patches
+        index.set_nprobe(p["nprobe"] - 1)
+        assert recall_at_k(index.searcher, bank, held, False) < 0.95
+        index.set_nprobe(p["nprobe"])
+    dist, rows = index.knn(q, 9)
+    direct = np.sqrt(((bank[rows] - q[:, None, :]) ** 2).sum(-1))
+    np.testing.assert_allclose(dist, direct, rtol=1e-4, atol=1e-4)  # exact L2 of what is returned
+    index.save(tmp_path / "i")
+    manifest = json.loads((tmp_path / "i/v000001/manifest.json").read_text())
+    assert manifest["index"]["type"] == "ivf" and manifest["index"]["params"]["layout"] == layout
+    loaded = PatchIndex.load(tmp_path / "i")
+    want = {"rabitqfs": "IndexIVFRaBitQFastScan", "rabitq": "IndexIVFRaBitQ", "pqfs": "IndexIVFPQFastScan",
+            "opq-pqfs": "IndexPreTransform", "pq": "IndexIVFPQ"}[layout]
+    assert type(loaded.shards[0]).__name__ == want and loaded.index_type == "ivf"
+    np.testing.assert_array_equal(loaded.knn(q, 9)[1], rows)
+    loaded.close()
+
+
+def test_index_built_before_layouts_loads_as_pq(tmp_path):
+    bank = _clustered(3000, 32)
+    old = PatchIndex.from_embeddings(bank, index="ivfpq", layout="pq", nlist=16, nprobe=4)
+    old.save(tmp_path / "old")
+    path = tmp_path / "old/v000001/manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["index"]["params"]["layout"]  # as written before layouts
+    path.write_text(json.dumps(manifest))
+    loaded = PatchIndex.load(tmp_path / "old")
+    assert loaded.index_type == "ivfpq" and loaded.params["layout"] == "pq" and loaded.params["nprobe"] == 4
+    np.testing.assert_array_equal(loaded.knn(bank[:50], 9)[1], old.knn(bank[:50], 9)[1])
+    loaded.close()
