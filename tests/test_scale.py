@@ -208,3 +208,20 @@ def test_index_built_before_layouts_loads_as_pq(tmp_path):
     assert loaded.index_type == "ivfpq" and loaded.params["layout"] == "pq" and loaded.params["nprobe"] == 4
     np.testing.assert_array_equal(loaded.knn(bank[:50], 9)[1], old.knn(bank[:50], 9)[1])
     loaded.close()
+
+
+def test_coreset_makes_no_n_sized_float64_temporary():
+    import tracemalloc
+    from patchsearch.coreset import kcenter_greedy
+    x = np.random.default_rng(0).standard_normal((200_000, 64)).astype(np.float32)  # d <= 128: no projection
+    one = x.nbytes  # 51 MB: one float32 copy of the points
+    tracemalloc.start()
+    try:
+        sel = kcenter_greedy(x, 0.001, seed=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(sel) == 200 and len(np.unique(sel)) == 200
+    # the float32 points and their block-ordered copy (2 x), small per-row arrays; an
+    # (N, d) float64 temporary alone would add 2 x
+    assert peak < 2.6 * one, peak / one
