@@ -67,7 +67,7 @@ def _index_options(fn):
         click.option("--pq-bits", type=click.IntRange(min=1, max=16), default=None,
                      help="bits per PQ code (layout pq) [8; fast scan: 4]"),
         click.option("--nprobe", type=click.IntRange(min=1), default=None,
-                     help="IVF lists visited per query [auto: raised until recall@9 >= 0.95]"),
+                     help="IVF lists visited per query [auto: the smallest with recall@9 >= 0.97 on held-aside patches]"),
         click.option("--rerank", type=click.IntRange(min=0), default=None,
                      help="IVF candidates per neighbour re-ranked exactly [8]; 0 = code distances"),
     ]

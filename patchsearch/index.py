@@ -26,11 +26,12 @@ from .score import reweighted_scores
 from .versions import Lease, current_version, new_version, open_version
 
 K = 9  # nearest neighbours reported per patch
-# exact="auto" no longer picks the int8 pass: on the 2-core Xeon (AVX512-VNNI, AMX-INT8)
-# it was slower than faiss.IndexFlatL2 in 10 of 12 measurements at 16k-160k x 512/1536
-# (README, int8 table); it stays available as exact="int8".
+# exact="auto" no longer picks the int8 pass: on the 2-core Xeon (AVX512-VNNI, AMX-INT8),
+# in three runs at 16k-160k x 512/1536, it was slower than faiss.IndexFlatL2 in 13 of 18
+# measurements and faster at no shape in all three (README, int8 table); it stays
+# available as exact="int8".
 # Precompute the bank's exact kNN graph (support sets of every row) only where it is cheap:
-# M^2 d <= this (about 16k x 152 or 5k x 1536; measured 1.5 s / 1.2 s on the 2-core Xeon,
+# M^2 d <= this (about 16k x 152 or 5k x 1536; measured 1.6 s / 0.7 s on the 2-core Xeon,
 # see the README's support-set table). Larger banks and IVF indexes search N_b(m*) at
 # query time (:meth:`PatchIndex.support_sets`).
 SUPPORT_GRAPH_MAX_FLOPS = 4e10
@@ -75,7 +76,7 @@ class PatchIndex:
     @classmethod
     def from_embeddings(cls, bank: np.ndarray, shards: int = 1, index: str = "flat", *,
                         nlist: int | None = None, pq_m: int | None = None, pq_bits: int | None = None,
-                        nprobe: int | None = None, rerank: int | None = None, target_recall: float = 0.95,
+                        nprobe: int | None = None, rerank: int | None = None, target_recall: float = ivf.TARGET_RECALL,
                         recall_queries: np.ndarray | None = None, support_sets: bool | str = "auto", b: int = B,
                         seed: int = 0, sources: dict | None = None, images: list[str] | None = None,
                         manifest: dict | None = None, gpu: bool | None = None, exact: str = "auto",
@@ -93,7 +94,9 @@ class PatchIndex:
                 the smallest value whose recall@9 reaches ``target_recall``.
             layout: IVF code layout (``"rabitqfs"``, ``"rabitq"``, ``"pqfs"``,
                 ``"opq-pqfs"``, ``"pq"``); None = :func:`patchsearch.ivf.choose_layout`.
-            recall_queries: float32 (n, d) held-aside patches for measuring IVF-PQ
+            target_recall: recall@9 that nprobe is tuned to on ``recall_queries``
+                (default :data:`patchsearch.ivf.TARGET_RECALL`, 0.97).
+            recall_queries: float32 (n, d) held-aside patches for measuring IVF
                 recall@9 (default: 1000 bank rows, themselves excluded).
             support_sets: precompute N_b(m) for every bank row (the bank's exact kNN
                 graph, O(M^2 d)) so that a query needs one search instead of two (Eq. 7).
