@@ -225,3 +225,14 @@ def test_coreset_makes_no_n_sized_float64_temporary():
     # the float32 points and their block-ordered copy (2 x), small per-row arrays; an
     # (N, d) float64 temporary alone would add 2 x
     assert peak < 2.6 * one, peak / one
+
+
+def test_hnsw_coarse_quantizer_for_large_nlist(monkeypatch):
+    import faiss
+    import patchsearch.ivf as pivf
+    monkeypatch.setattr(pivf, "HNSW_NLIST", 32)  # a real bank needs 16,384 x 39 rows for this
+    x = _clustered(5000, 32, seed=2)
+    index = PatchIndex.from_embeddings(x[:4000], index="ivf", nlist=32, recall_queries=x[4000:4500])
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index.shards[0]).quantizer)
+    assert type(quantizer).__name__ == "IndexHNSWFlat"
+    assert index.params["recall_at_9"] >= 0.97 or index.params["nprobe"] == 32
