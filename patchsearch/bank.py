@@ -10,8 +10,8 @@ support     fixed_size_list<int64>[b]       N_b(m) of Eq. 7: the row itself, the
                                             nearest other rows by L2 (optional)
 store_row   int64                           row of the Arrow patch store it was selected from
 image_id    int32                           training image (store image table)
-tile, row,  int16                           tile and patch position on the feature grid
-col
+tile, row,  int32                           tile and patch position on the feature grid
+col                                         (int16 in files written before: read too)
 =========== =============================== ===================================================
 
 Files of format version 1 hold the image path as a string column ``image`` instead
@@ -40,7 +40,7 @@ class MemoryBank:
     Attributes:
         embeddings: float32 (M, d), C-contiguous (a read-only memory map when loaded).
         sources: None, or {"store_row": int64 (M,), "image_id": int32 (M,), "tile", "row",
-            "col": int16 (M,)}: the training patch behind each row.
+            "col": int32 (M,)}: the training patch behind each row.
         images: None, or training image paths indexed by image_id.
         support: None, or int64 (M, b) precomputed support sets N_b(m).
     """
@@ -137,7 +137,7 @@ def write_bank(path: str | os.PathLike, bank: MemoryBank) -> None:
         cols["store_row"] = pa.array(np.asarray(bank.sources["store_row"], dtype=np.int64))
         cols["image_id"] = pa.array(np.asarray(bank.sources["image_id"], dtype=np.int32))
         for name in ("tile", "row", "col"):
-            cols[name] = pa.array(np.asarray(bank.sources[name], dtype=np.int16))
+            cols[name] = pa.array(np.asarray(bank.sources[name], dtype=np.int32))
     table = pa.table(cols).replace_schema_metadata({"format": "patchsearch-bank", "dim": str(emb.shape[1])})
     with pa.OSFile(str(path), "wb") as sink:
         with pa.ipc.new_file(sink, table.schema) as writer:
@@ -172,14 +172,15 @@ def read_bank(path: str | os.PathLike, images: list[str] | None = None) -> Memor
     sources = None
     if "store_row" in names:
         sources = {"store_row": table.column("store_row").to_numpy(),
-                   "row": table.column("row").to_numpy(), "col": table.column("col").to_numpy()}
+                   "row": table.column("row").to_numpy().astype(np.int32, copy=False),
+                   "col": table.column("col").to_numpy().astype(np.int32, copy=False)}
         if "image_id" in names:
             sources["image_id"] = table.column("image_id").to_numpy()
-            sources["tile"] = table.column("tile").to_numpy()
+            sources["tile"] = table.column("tile").to_numpy().astype(np.int32, copy=False)
         else:  # format 1: one path string per row
             paths = table.column("image").to_pylist()
             images = list(dict.fromkeys(paths))
             ids = {p: i for i, p in enumerate(images)}
             sources["image_id"] = np.array([ids[p] for p in paths], dtype=np.int32)
-            sources["tile"] = np.zeros(len(paths), dtype=np.int16)
+            sources["tile"] = np.zeros(len(paths), dtype=np.int32)
     return MemoryBank(emb, sources, images, support)

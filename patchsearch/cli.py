@@ -52,25 +52,32 @@ def _index_dir_option(fn):
 
 
 def _index_options(fn):
-    """--index, --nlist, --pq-m, --pq-bits, --nprobe, --rerank (build and rebuild)."""
+    """--index, --ivf-layout, --nlist, --pq-m, --pq-bits, --nprobe, --rerank (build and rebuild)."""
+    from .ivf import LAYOUTS
+
     opts = [
-        click.option("--index", "index_type", type=click.Choice(["flat", "ivfpq"]), default=None,
-                     help="flat (exact L2) or ivfpq (compressed) [build default: flat; rebuild: as before]"),
+        click.option("--index", "index_type", type=click.Choice(["flat", "ivf", "ivfpq"]), default=None,
+                     help="flat (exact L2) or ivf (compressed, re-ranked exactly; ivfpq: the same) "
+                          "[build default: flat; rebuild: as before]"),
+        click.option("--ivf-layout", "layout", type=click.Choice(list(LAYOUTS)), default=None,
+                     help="IVF code layout [auto: rabitqfs; rebuild: as before]"),
         click.option("--nlist", type=click.IntRange(min=1), default=None, help="IVF lists [auto]"),
-        click.option("--pq-m", type=click.IntRange(min=1), default=None, help="PQ bytes per vector [auto]"),
-        click.option("--pq-bits", type=click.IntRange(min=1, max=16), default=None, help="bits per PQ code [8]"),
+        click.option("--pq-m", type=click.IntRange(min=1), default=None,
+                     help="PQ sub-quantizers (PQ layouts) [auto]"),
+        click.option("--pq-bits", type=click.IntRange(min=1, max=16), default=None,
+                     help="bits per PQ code (layout pq) [8; fast scan: 4]"),
         click.option("--nprobe", type=click.IntRange(min=1), default=None,
-                     help="IVF lists visited per query [auto: raised until recall@9 >= 0.95]"),
+                     help="IVF lists visited per query [auto: the smallest with recall@9 >= 0.97 on held-aside patches]"),
         click.option("--rerank", type=click.IntRange(min=0), default=None,
-                     help="IVF-PQ candidates per neighbour re-ranked exactly [8]; 0 = PQ distances"),
+                     help="IVF candidates per neighbour re-ranked exactly [8]; 0 = code distances"),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
-def _index_params(nlist, pq_m, pq_bits, nprobe, rerank) -> dict:
-    given = {"nlist": nlist, "pq_m": pq_m, "pq_bits": pq_bits, "nprobe": nprobe, "rerank": rerank}
+def _index_params(nlist, pq_m, pq_bits, nprobe, rerank, layout=None) -> dict:
+    given = {"nlist": nlist, "pq_m": pq_m, "pq_bits": pq_bits, "nprobe": nprobe, "rerank": rerank, "layout": layout}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -134,7 +141,7 @@ def main(debug):
 @_friendly
 def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, resize, crop, tile, tile_overlap,
           bit_depth, calibration_fraction, target_fpr, margin, min_region_area, coreset_ratio, seed, shards,
-          index_type, nlist, pq_m, pq_bits, nprobe, rerank, batch_size, workers, ray_address, ray_workers):
+          index_type, layout, nlist, pq_m, pq_bits, nprobe, rerank, batch_size, workers, ray_address, ray_workers):
     """Build the memory-bank index of CATEGORY from its train/good images, and calibrate it."""
     from .data import train_images, validation_images
     from .pipeline import build as run_build
@@ -148,7 +155,7 @@ def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, 
                       calibration_images=validation_images(root, category), calibration_fraction=calibration_fraction,
                       target_fpr=target_fpr, margin=margin, min_region_area=min_region_area,
                       coreset_ratio=coreset_ratio, seed=seed, shards=shards,
-                      index=index_type or "flat", index_params=_index_params(nlist, pq_m, pq_bits, nprobe, rerank),
+                      index=index_type or "flat", index_params=_index_params(nlist, pq_m, pq_bits, nprobe, rerank, layout),
                       batch_size=batch_size, workers=workers, ray_address=ray_address,
                       ray_options=None if ray_workers is None else {"num_workers": ray_workers},
                       progress=sys.stderr.isatty(),
@@ -164,12 +171,13 @@ def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, 
 @click.option("--shards", type=click.IntRange(min=1), default=None, help="[as before]")
 @_index_options
 @_friendly
-def rebuild(category, index_dir, coreset_ratio, seed, shards, index_type, nlist, pq_m, pq_bits, nprobe, rerank):
+def rebuild(category, index_dir, coreset_ratio, seed, shards, index_type, layout, nlist, pq_m, pq_bits, nprobe,
+            rerank):
     """Rebuild CATEGORY's index from its Arrow patch store (no images, no backbone)."""
     from .pipeline import rebuild as run_rebuild
 
     index = run_rebuild(index_dir / category, coreset_ratio=coreset_ratio, seed=seed, shards=shards,
-                        index=index_type, index_params=_index_params(nlist, pq_m, pq_bits, nprobe, rerank),
+                        index=index_type, index_params=_index_params(nlist, pq_m, pq_bits, nprobe, rerank, layout),
                         progress=sys.stderr.isatty(), log=lambda m: click.echo(m, err=True))
     click.echo(_summary(index))
 
@@ -194,7 +202,7 @@ def _query_options(fn):
                       help="fail unless the index holds embeddings of this dimension")(fn)
     fn = click.option("--backbone", default=None, help="fail unless the index was built with this backbone")(fn)
     return click.option("--nprobe", type=click.IntRange(min=1), default=None,
-                        help="IVF-PQ: lists visited per query [as built]")(fn)
+                        help="IVF: lists visited per query [as built]")(fn)
 
 
 @main.command()

@@ -74,8 +74,14 @@ def random_projection(embeddings, projection_dim: int = PROJECTION_DIM, seed: in
     return out
 
 
-def _blocks(points: np.ndarray, num_blocks: int, seed: int):
-    """k-means blocks: (order, starts, sizes, centres (B, d), radii (B,) float64)."""
+def _blocks(points: np.ndarray, num_blocks: int, seed: int, chunk: int = 16384):
+    """k-means blocks: (order, starts, sizes, centres (B, d) float32, radii (B,) float64,
+    the points in block order).
+
+    float32 throughout, no N-sized float64 temporary: the block means are float32 (the
+    pruning stays exact with any centre, as each radius is measured from its own centre),
+    the per-point squared distances to their centre are computed chunk by chunk.
+    """
     import faiss
 
     n, d = points.shape
@@ -89,14 +95,20 @@ def _blocks(points: np.ndarray, num_blocks: int, seed: int):
         assign = assign[:, 0]
     order = np.argsort(assign, kind="stable")
     sizes = np.bincount(assign, minlength=num_blocks)
+    del assign
     keep = sizes > 0
     sizes = sizes[keep]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     sorted_pts = points[order]
-    centres = np.add.reduceat(sorted_pts.astype(np.float64), starts, axis=0) / sizes[:, None]
-    diff = sorted_pts - np.repeat(centres, sizes, axis=0)
-    radii = np.sqrt(np.maximum.reduceat(np.einsum("ij,ij->i", diff, diff), starts))
-    return order, starts, sizes, centres.astype(np.float32), radii
+    # float32 block means: any centre gives valid bounds, as the radii are measured from it
+    centres = (np.add.reduceat(sorted_pts, starts, axis=0) / sizes[:, None].astype(np.float32)).astype(np.float32)
+    block = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+    sq = np.empty(n, dtype=np.float32)
+    for s in range(0, n, chunk):
+        diff = sorted_pts[s:s + chunk] - centres[block[s:s + chunk]]
+        sq[s:s + len(diff)] = np.einsum("ij,ij->i", diff, diff)
+    radii = np.sqrt(np.maximum.reduceat(sq, starts).astype(np.float64)) * (1 + 1e-6)  # float32 rounding
+    return order, starts, sizes, centres, radii, sorted_pts
 
 
 def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int = PROJECTION_DIM,
@@ -133,8 +145,8 @@ def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int 
         everything = np.arange(n, dtype=np.int64)
         return (everything, 0.0) if return_radius else everything
 
-    order, starts, sizes, centres, radii = _blocks(points, num_blocks or max(1, n // 256), seed)
-    pts = points[order]                                   # block-contiguous
+    order, starts, sizes, centres, radii, pts = _blocks(points, num_blocks or max(1, n // 256), seed)
+    del points                                            # pts: the same, block-contiguous
     norms = np.einsum("ij,ij->i", pts, pts)
     centre_norms = np.einsum("ij,ij->i", centres, centres)
     nb = len(sizes)

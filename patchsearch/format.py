@@ -36,8 +36,8 @@ class Manifest:
     Attributes:
         embedding_dim: d of the memory bank.
         memory_bank: {"file", "size" (rows M), "support_b" (b of the stored support sets, or None)}.
-        index: {"type": "flat" | "ivfpq", "metric": "L2", "shards": [{"file", "start", "stop"}],
-            "bytes_per_vector", "params": IVF-PQ parameters and measured recall (or {})}.
+        index: {"type": "flat" | "ivf" | "ivfpq", "metric": "L2", "shards": [{"file", "start", "stop"}],
+            "bytes_per_vector", "params": IVF layout, parameters and measured recall (or {})}.
         category: category name, or None.
         backbone: {"name", "layers", "layer_channels", "embed_dim", "reduced", "weights":
             {"source", "sha256"}} of the embedder, or None for an index built from raw embeddings.

@@ -10,6 +10,8 @@ and patch they came from), and per image PatchCore's reweighted score (paper Eq.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,16 @@ from .score import reweighted_scores
 from .versions import Lease, current_version, new_version, open_version
 
 K = 9  # nearest neighbours reported per patch
-AUTO_INT8_DIM = 512  # below this FAISS flat is already faster than the int8 pass
+# exact="auto" no longer picks the int8 pass: on the 2-core Xeon (AVX512-VNNI, AMX-INT8),
+# in three runs at 16k-160k x 512/1536, it was slower than faiss.IndexFlatL2 in 13 of 18
+# measurements and faster at no shape in all three (README, int8 table); it stays
+# available as exact="int8".
+# Precompute the bank's exact kNN graph (support sets of every row) only where it is cheap:
+# M^2 d <= this (about 16k x 152 or 5k x 1536; measured 1.6 s / 0.7 s on the 2-core Xeon,
+# see the README's support-set table). Larger banks and IVF indexes search N_b(m*) at
+# query time (:meth:`PatchIndex.support_sets`).
+SUPPORT_GRAPH_MAX_FLOPS = 4e10
+SUPPORT_CACHE = 4096  # support sets kept per index (LRU, keyed by bank row)
 
 
 class PatchIndex:
@@ -51,44 +62,57 @@ class PatchIndex:
         self._lease = lease
         self._sharded = searchers.ShardedSearcher(shards, gpu=gpu)
         self.searcher = self._sharded
+        self._support_cache: OrderedDict = OrderedDict()  # (bank row, b) -> int64 (b,)
+        self._support_lock = threading.Lock()
+        self._exact_bank = None  # searchers.KnnSearcher over the bank, made on first need
         if self._sharded.is_ivf:
             self.searcher = ivf.IVFPQSearcher(self._sharded, self.bank, manifest.index["params"])
-        elif not self._sharded.on_gpu and exact != "faiss":
-            from .int8 import Int8Searcher, cpu_has_int8_dot
+        elif not self._sharded.on_gpu and exact == "int8":
+            from .int8 import Int8Searcher
 
-            if exact == "int8" or (self.dim >= AUTO_INT8_DIM and cpu_has_int8_dot()):
-                self.searcher = Int8Searcher(self.bank, self._sharded)
+            self.searcher = Int8Searcher(self.bank, self._sharded)  # codes built on first search
 
     # construction -------------------------------------------------------------------
     @classmethod
     def from_embeddings(cls, bank: np.ndarray, shards: int = 1, index: str = "flat", *,
                         nlist: int | None = None, pq_m: int | None = None, pq_bits: int | None = None,
-                        nprobe: int | None = None, rerank: int | None = None, target_recall: float = 0.95,
-                        recall_queries: np.ndarray | None = None, support_sets: bool = True, b: int = B,
+                        nprobe: int | None = None, rerank: int | None = None, target_recall: float = ivf.TARGET_RECALL,
+                        recall_queries: np.ndarray | None = None, support_sets: bool | str = "auto", b: int = B,
                         seed: int = 0, sources: dict | None = None, images: list[str] | None = None,
-                        manifest: dict | None = None, gpu: bool | None = None, exact: str = "auto") -> "PatchIndex":
+                        manifest: dict | None = None, gpu: bool | None = None, exact: str = "auto",
+                        layout: str | None = None) -> "PatchIndex":
         """Index a memory bank.
 
         Args:
             bank: float (M, d) memory bank (converted to float32).
             shards: number of FAISS shards (results equal one shard; ids stay bank rows).
-            index: index type, ``"flat"`` (exact L2, ``faiss.IndexFlatL2``) or ``"ivfpq"``
-                (``faiss.IndexIVFPQ`` candidates re-ranked with exact L2).
-            nlist, pq_m, pq_bits, nprobe, rerank: IVF-PQ parameters; those not given are
-                chosen by :func:`patchsearch.ivf.auto_params`, and nprobe is then raised
-                (doubling) until recall@9 reaches ``target_recall``.
-            recall_queries: float32 (n, d) held-aside patches for measuring IVF-PQ
+            index: index type, ``"flat"`` (exact L2, ``faiss.IndexFlatL2``) or ``"ivf"``
+                (``"ivfpq"`` is the older name of the same): IVF candidates in the layout
+                ``layout`` (:data:`patchsearch.ivf.LAYOUTS`) re-ranked with exact L2.
+            nlist, pq_m, pq_bits, nprobe, rerank: IVF parameters; those not given are
+                chosen by :func:`patchsearch.ivf.auto_params`, and nprobe is then tuned to
+                the smallest value whose recall@9 reaches ``target_recall``.
+            layout: IVF code layout (``"rabitqfs"``, ``"rabitq"``, ``"pqfs"``,
+                ``"opq-pqfs"``, ``"pq"``); None = :func:`patchsearch.ivf.choose_layout`.
+            target_recall: recall@9 that nprobe is tuned to on ``recall_queries``
+                (default :data:`patchsearch.ivf.TARGET_RECALL`, 0.97).
+            recall_queries: float32 (n, d) held-aside patches for measuring IVF
                 recall@9 (default: 1000 bank rows, themselves excluded).
-            support_sets: precompute N_b(m) for every bank row (exact kNN graph of the
-                bank) so that a query needs one search instead of two (Eq. 7).
+            support_sets: precompute N_b(m) for every bank row (the bank's exact kNN
+                graph, O(M^2 d)) so that a query needs one search instead of two (Eq. 7).
+                ``"auto"`` or True: only for flat indexes where M^2 d <=
+                :data:`SUPPORT_GRAPH_MAX_FLOPS` (never for IVF); ``"always"``: every
+                index; False: never. Without them :meth:`support_sets` searches N_b(m*)
+                exactly at query time (same result).
             b: support-set size.
             seed: seeds the IVF-PQ training sample and k-means.
             sources, images: where each bank row came from (see :class:`MemoryBank`).
             manifest: build metadata for the manifest (category, backbone, geometry, ...).
             gpu: place shards on GPUs; None = when faiss sees GPUs.
             exact: flat search on CPU: ``"faiss"`` (IndexFlatL2), ``"int8"``
-                (:class:`patchsearch.int8.Int8Searcher`) or ``"auto"`` (int8 where the CPU
-                has VNNI and d >= 512, else faiss).
+                (:class:`patchsearch.int8.Int8Searcher`, needs torch >= 2.3; its codes are
+                built on the first search, not on load) or ``"auto"`` (faiss: the int8
+                pass was not measured faster on this project's CPU, see the README).
 
         Raises:
             InputError: not a non-empty 2-D float array, NaN/inf values, bad shard count,
@@ -97,18 +121,21 @@ class PatchIndex:
         bank = check_embeddings(bank)
         searchers.check_index_type(index)
         params = {}
-        if index == "ivfpq":
-            params = ivf.auto_params(len(bank), bank.shape[1], nlist, pq_m, pq_bits, nprobe, rerank)
+        if index in searchers.IVF_TYPES:
+            params = ivf.auto_params(len(bank), bank.shape[1], nlist, pq_m, pq_bits, nprobe, rerank, layout)
             built = ivf.build_shards(bank, shards, params, seed=seed)
         else:
             built = searchers.build_flat_shards(bank, shards)
         man = Manifest(embedding_dim=int(bank.shape[1]), memory_bank={"file": BANK_FILE, "size": len(bank)},
                        index={"type": index, "metric": "L2", "params": params}, **(manifest or {}))
         out = cls(MemoryBank(bank, sources, images), built, man, gpu=gpu, exact=exact)
-        if index == "ivfpq":
+        if index in searchers.IVF_TYPES:
             man.index["params"] = ivf.tune_nprobe(out.searcher, recall_queries, target_recall, tune=nprobe is None,
                                                   seed=seed)
-        if support_sets:
+        if support_sets not in (True, False, "auto", "always"):
+            raise InputError(f"support_sets must be True, False, 'auto' or 'always', got {support_sets!r}")
+        cheap = index == "flat" and float(len(bank)) ** 2 * bank.shape[1] <= SUPPORT_GRAPH_MAX_FLOPS
+        if support_sets == "always" or (support_sets in (True, "auto") and cheap):
             exact_searcher = searchers.KnnSearcher(bank) if not out._sharded.on_gpu else \
                 searchers.ShardedSearcher(searchers.build_flat_shards(bank), gpu=True)
             out.memory_bank.support = exact_support_sets(bank, exact_searcher, b)
@@ -244,11 +271,12 @@ class PatchIndex:
 
     @property
     def index_type(self) -> str:
-        return "ivfpq" if self._sharded.is_ivf else "flat"
+        """``"flat"``, or the IVF name it was built with (``"ivf"``, or ``"ivfpq"`` as before)."""
+        return self.manifest.index.get("type", "ivf") if self._sharded.is_ivf else "flat"
 
     @property
     def params(self) -> dict:
-        """IVF-PQ parameters and measured recall ({} for flat)."""
+        """IVF parameters (layout, nlist, nprobe, rerank, ...) and measured recall ({} for flat)."""
         return self.searcher.params if isinstance(self.searcher, ivf.IVFPQSearcher) else {}
 
     @property
@@ -263,7 +291,7 @@ class PatchIndex:
             InputError: not an IVF-PQ index, or nprobe outside [1, nlist].
         """
         if not isinstance(self.searcher, ivf.IVFPQSearcher):
-            raise InputError("--nprobe applies to IVF-PQ indexes only (this index is flat)")
+            raise InputError("--nprobe applies to IVF indexes only (this index is flat)")
         self.searcher.set_nprobe(nprobe)
 
     # search -------------------------------------------------------------------------
@@ -287,15 +315,52 @@ class PatchIndex:
         return np.sqrt(np.maximum(d2, 0.0)), rows
 
     def support_sets(self, rows: np.ndarray, b: int = B) -> np.ndarray:
-        """N_b(m) for memory-bank rows m: int64 (n, min(b, M)), m itself first, then its
-        nearest other bank rows by increasing L2. From the precomputed support sets
-        when the index has them (same b), else by a search."""
-        rows = np.asarray(rows, dtype=np.int64)
+        """N_b(m) for memory-bank rows m (Eq. 7): int64 (n, min(b, M)), m itself first, then
+        its nearest other bank rows by increasing L2.
+
+        From the precomputed support sets when the index has them (same b); else by one
+        exact search of the bank for the rows not in a small LRU cache (keyed by bank row,
+        :data:`SUPPORT_CACHE` entries): the index's own searcher where it is exact (flat),
+        ``faiss.knn`` over the memory bank for IVF indexes, so N_b stays exact.
+
+        Raises:
+            InputError: a row outside [0, M).
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.size):
+            raise InputError(f"memory-bank rows must be in [0, {self.size}), got {rows.min()}..{rows.max()}")
         b = min(b, self.size)
         if self.support is not None and self.support.shape[1] == b:
             return np.asarray(self.support[rows])
-        _, nn = self.knn(self.bank[rows], min(b + 1, self.size))
-        return support_from_neighbours(rows, nn, b)
+        out = np.empty((len(rows), b), np.int64)
+        with self._support_lock:
+            hit = [self._support_cache.get((int(r), b)) for r in rows]
+            for r, h in zip(rows, hit):
+                if h is not None:
+                    self._support_cache.move_to_end((int(r), b))
+        todo = np.array([i for i, h in enumerate(hit) if h is None], np.int64)
+        for i, h in enumerate(hit):
+            if h is not None:
+                out[i] = h
+        if todo.size:
+            need = np.unique(rows[todo])
+            _, nn = self._exact().search(np.asarray(self.bank[need]), min(b + 1, self.size))
+            found = support_from_neighbours(need, nn, b)
+            out[todo] = found[np.searchsorted(need, rows[todo])]
+            with self._support_lock:
+                for r, sup in zip(need, found):
+                    self._support_cache[(int(r), b)] = sup
+                while len(self._support_cache) > SUPPORT_CACHE:
+                    self._support_cache.popitem(last=False)
+        return out
+
+    def _exact(self):
+        """An exact searcher over the memory bank: the index's own for flat, else ``faiss.knn``."""
+        if not self._sharded.is_ivf:
+            return self.searcher
+        if self._exact_bank is None:
+            self._exact_bank = searchers.KnnSearcher(self.bank)
+        return self._exact_bank
 
     def search(self, patches: np.ndarray, k: int = K, b: int = B) -> SearchResult:
         """Search the patch embeddings of N images.
@@ -316,6 +381,10 @@ class PatchIndex:
             raise InputError(f"patches must be (N, P, {self.dim}), got {patches.shape}")
         n, p, d = patches.shape
         dist, loc = self.knn(patches.reshape(n * p, d), k)
+        missing = np.nonzero((loc < 0).any(axis=1))[0]
+        if missing.size:  # fewer than k candidates (IVF): search those patches exactly, so no -1 is m*
+            d2, r = self._exact().search(patches.reshape(n * p, d)[missing], k)
+            dist[missing], loc[missing] = np.sqrt(np.maximum(d2, 0.0)), r
         dist, loc = dist.reshape(n, p, k), loc.reshape(n, p, k)
         top = dist[..., 0].argmax(axis=1)
         ar = np.arange(n)

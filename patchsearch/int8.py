@@ -1,18 +1,35 @@
 """Exact k-NN on CPUs with int8 dot-product instructions: an int8 candidate pass, exact
 fp32 re-ranking, and a per-query check that sends doubtful queries to exact FAISS search.
 
-Used by :class:`patchsearch.index.PatchIndex` for flat banks with d >= 512 where the CPU
-has AVX512-VNNI, AVX-VNNI or AMX-INT8 (``exact="auto"``), where it beats
-``faiss.IndexFlatL2``; see the README's search benchmark.
+Used by :class:`patchsearch.index.PatchIndex` for flat banks where it was measured to beat
+``faiss.IndexFlatL2`` (``exact="auto"``: d >= 512 and at most
+:data:`patchsearch.index.AUTO_INT8_MAX_ROWS` rows, on CPUs with AVX512-VNNI, AVX-VNNI or
+AMX-INT8, with torch >= 2.3), or on request (``exact="int8"``); see the README's search
+benchmark. The int8 codes are built on the first search, never on load.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .searchers import rerank
+
+MIN_TORCH = (2, 3)  # torch._int_mm's CPU kernel
+
+
+def torch_has_int_mm() -> bool:
+    """True where the installed torch has ``torch._int_mm`` on CPU (torch >= 2.3)."""
+    import torch
+
+    try:
+        major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= MIN_TORCH and hasattr(torch, "_int_mm")
 
 
 def cpu_has_int8_dot() -> bool:
@@ -41,24 +58,51 @@ class Int8Searcher:
        candidates is closer unless its rounding error exceeds 7 standard deviations;
        other queries are searched again exactly with ``faiss.IndexFlatL2``.
 
+    The int8 codes (M x d bytes, plus per-row norms and scales) are built on the first
+    :meth:`search` (:meth:`prepare`), not by the constructor: loading an index stays fast.
+
     Args:
         bank: float32 (M, d) memory bank.
         fallback: a searcher with ``search(queries, k)`` giving exact results.
         candidates: candidate count per query (>= k + 1).
         chunk: queries per int8 matmul (bounds the (chunk, M) score matrix).
+
+    Raises:
+        InputError: torch older than 2.3 (no ``torch._int_mm`` on CPU).
     """
 
     SIGMAS = 7.0
 
     def __init__(self, bank: np.ndarray, fallback, candidates: int = 32, chunk: int = 1024):
-        import torch
+        if not torch_has_int_mm():
+            import torch
 
+            raise InputError(f"int8 exact search needs torch >= 2.3 (torch._int_mm on CPU), found {torch.__version__}")
         self.bank = bank
         self.fallback = fallback
         self.candidates = candidates
         self.chunk = chunk
+        self.codes_t = None  # int8 (d, M), built by prepare()
+        self._lock = threading.Lock()
+        self.fallbacks = 0  # queries that failed the check (for benchmarks)
+
+    def prepare(self) -> None:
+        """Quantize the bank (once; chunked, no float copy of the whole bank)."""
+        import torch
+
+        with self._lock:
+            if self.codes_t is None:
+                self._quantize()
+
+    def _quantize(self) -> None:
+        import torch
+
+        bank = self.bank
         m, d = bank.shape
-        self.mean = torch.from_numpy(np.asarray(bank, dtype=np.float64).mean(0).astype(np.float32))
+        total = np.zeros(d, np.float64)
+        for s in range(0, m, 65536):  # float64 sum chunk by chunk: no (M, d) float64 copy
+            total += np.asarray(bank[s:s + 65536], dtype=np.float64).sum(0)
+        self.mean = torch.from_numpy((total / m).astype(np.float32))
         self.norms = torch.empty(m)
         self.scale = torch.empty(m)
         codes = torch.empty((m, d), dtype=torch.int8)
@@ -67,16 +111,17 @@ class Int8Searcher:
             self.norms[s:s + len(b)] = (b * b).sum(1)
             self.scale[s:s + len(b)] = b.abs().amax(1).clamp_min(1e-30) / 127
             codes[s:s + len(b)] = torch.round(b / self.scale[s:s + len(b), None]).to(torch.int8)
-        self.codes_t = codes.T.contiguous()  # (d, M)
+        codes_t = codes.T.contiguous()  # (d, M)
         del codes
         self.max_norm_sq = float(self.norms.max())
         self.max_scale = float(self.scale.max())
-        self.fallbacks = 0  # queries that failed the check (for benchmarks)
+        self.codes_t = codes_t  # last: a search that sees it sees everything above
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact squared L2 float32 (n, k) and bank rows int64 (n, k) of float32 (n, d) queries."""
         import torch
 
+        self.prepare()
         n = len(queries)
         c = min(max(self.candidates, k + 1), len(self.bank))
         dist = np.empty((n, k), np.float32)

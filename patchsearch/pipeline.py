@@ -26,7 +26,7 @@ from .data import BIT_DEPTHS
 from .errors import InputError
 from .format import read_manifest
 from .index import PatchIndex
-from .searchers import check_index_type
+from .searchers import IVF_TYPES, check_index_type
 from .store import ImageRecord, PatchStore, PatchStoreWriter, StoreArray
 from .versions import new_version, open_version, tidy
 
@@ -216,6 +216,9 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
         seed = old.coreset["seed"] if seed is None else seed
         shards = len(old.index["shards"]) if shards is None else shards
         index = check_index_type(old.index_type if index is None else index)
+        if index in IVF_TYPES and old.index_type in IVF_TYPES:
+            index_params = kept_ivf_params(old.index.get("params") or {}, index_params,
+                                           same_bank=coreset_ratio == old.coreset["ratio"])
         meta = {"category": old.category, "backbone": old.backbone, "geometry": old.geometry, "grid": old.grid,
                 "store": old.store, "extra": old.extra}
         timings = {}
@@ -236,6 +239,27 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
     built.path = index_dir
     log(f"index rebuilt in {index_dir}")
     return built
+
+
+def kept_ivf_params(recorded: dict, given: dict | None, same_bank: bool) -> dict:
+    """IVF parameters for a rebuild: those ``given``, else those recorded in the old manifest.
+
+    Kept when not given: ``layout`` (``pq`` for indexes built before layouts),
+    ``rerank`` (so ``--rerank 0`` stays 0), ``pq_m`` and ``pq_bits`` where the layout
+    stays the recorded one, and ``nlist`` where the coreset ratio is unchanged
+    (``same_bank``; another ratio gives another bank size, and nlist is then chosen for
+    it). ``nprobe`` is not kept: it was tuned for recall on the old bank and is tuned
+    again (unless given).
+    """
+    out = dict(given or {})
+    recorded = {"layout": "pq", **recorded} if recorded else {}
+    keys = ["layout", "rerank"] + (["nlist"] if same_bank else [])
+    if out.get("layout", recorded.get("layout")) == recorded.get("layout"):
+        keys += ["pq_m", "pq_bits"]
+    for key in keys:
+        if key not in out and recorded.get(key) is not None:
+            out[key] = recorded[key]
+    return out
 
 
 def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: float, seed: int, shards: int,
@@ -267,7 +291,7 @@ def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: 
                       "partitions": sorted(int(f[8:13]) for f in store.files if f.startswith("patches-")) or None},
             "timings": timings}
     recall_queries = None
-    if index == "ivfpq":  # held-aside patches: store rows not in the memory bank
+    if index in IVF_TYPES:  # held-aside patches: store rows not in the memory bank
         rest = np.setdiff1d(np.arange(store.num_patches), selected)
         if len(rest):
             pick = np.sort(np.random.default_rng(seed).choice(rest, min(1000, len(rest)), replace=False))
@@ -278,6 +302,6 @@ def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: 
     timings["index"] = time.perf_counter() - t0
     for key, value in timings.items():
         timings[key] = round(value, 3)
-    if index == "ivfpq":
-        log(f"IVF-PQ {built.params}")
+    if index in IVF_TYPES:
+        log(f"IVF {built.params}")
     return built

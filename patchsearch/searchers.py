@@ -23,7 +23,8 @@ import numpy as np
 
 from .errors import IndexFormatError, InputError
 
-INDEX_TYPES = ("flat", "ivfpq")
+INDEX_TYPES = ("flat", "ivf", "ivfpq")
+IVF_TYPES = ("ivf", "ivfpq")  # "ivfpq": the older name of "ivf" (same index, any layout)
 
 
 def faiss():

@@ -19,9 +19,9 @@ images-NNNNN.arrow  image_id  int32                       global image id (see b
 \                   height    int32                       height of the original frame, pixels
 \                   width     int32                       width of the original frame, pixels
 patches-NNNNN.arrow image_id  int32                       frame the patch comes from
-(a row per patch)   tile      int16                       tile of the frame (0 without tiling)
-\                   row       int16                       patch row on the tile's feature grid
-\                   col       int16                       patch column on that grid
+(a row per patch)   tile      int32                       tile of the frame (0 without tiling)
+\                   row       int32                       patch row on the tile's feature grid
+\                   col       int32                       patch column on that grid
 \                   embedding fixed_size_list<float32>[d] raw patch embedding
 =================== ========= =========================== =====================================
 
@@ -32,7 +32,9 @@ write order (frame, tile, row, column). ``pyarrow.dataset.dataset(files, format=
 reads the patch (or image) files of a store as one table. Reading is memory-mapped and
 zero-copy per record batch. A version-1 store (one ``patches.arrow``: an ``image`` path
 column, as given, on every patch row, no tile) reads through the same API with tile 0,
-size/height/width -1 and sha256 null.
+size/height/width -1 and sha256 null. Patches files written before tile, row and col were
+int32 (int16, which wraps past 32,767 rows or columns on a grid) still read: their location
+columns are widened to int32 on open.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ from .files import fsync_dir, sha256
 STORE_VERSION = "2"
 V1_FILE = "patches.arrow"
 _PARTITION = re.compile(r"patches-(\d+)\.arrow")
-_LOCATION = {"image_id": np.int32, "tile": np.int16, "row": np.int16, "col": np.int16}
+_LOCATION = {"image_id": np.int32, "tile": np.int32, "row": np.int32, "col": np.int32}
+_LEGACY = {"image_id": np.int32, "tile": np.int16, "row": np.int16, "col": np.int16}  # before int32
 
 
 def partition_files(partition: int) -> tuple[str, str]:
@@ -65,9 +68,10 @@ def _schema(fields: list, kind: str, dim: int, version: str = STORE_VERSION) -> 
     return pa.schema(fields, metadata={"format": f"patchsearch-{kind}", "store_version": version, "dim": str(dim)})
 
 
-def patch_schema(dim: int, v1: bool = False) -> pa.Schema:
-    """Schema of a patches file of embedding dimension ``dim`` (of a version-1 store if ``v1``)."""
-    types = {"image": pa.string(), **{k: pa.from_numpy_dtype(t) for k, t in _LOCATION.items()}}
+def patch_schema(dim: int, v1: bool = False, legacy: bool = False) -> pa.Schema:
+    """Schema of a patches file of embedding dimension ``dim`` (of a version-1 store if ``v1``;
+    with int16 tile/row/col, as written before int32, if ``legacy`` or ``v1``)."""
+    types = {"image": pa.string(), **{k: pa.from_numpy_dtype(t) for k, t in (_LEGACY if v1 or legacy else _LOCATION).items()}}
     names = ["image", "image_id", "row", "col"] if v1 else list(_LOCATION)
     fields = [(k, types[k]) for k in names] + [("embedding", pa.list_(pa.float32(), dim))]
     return _schema(fields, "patches", dim, "1" if v1 else STORE_VERSION)
@@ -166,9 +170,9 @@ class PatchStoreWriter:
         if not all(isinstance(r, ImageRecord) for r in images):
             raise InputError("images must be ImageRecord objects")
         h, w = emb.shape[-3:-1]
-        row, col = (a.astype(np.int16) for a in np.divmod(np.arange(h * w), w))
+        row, col = (a.astype(np.int32) for a in np.divmod(np.arange(h * w), w))
         columns = [np.arange(self.next_image_id, self.next_image_id + b, dtype=np.int32).repeat(t * h * w),
-                   np.tile(np.arange(t, dtype=np.int16).repeat(h * w), b), np.tile(row, b * t), np.tile(col, b * t),
+                   np.tile(np.arange(t, dtype=np.int32).repeat(h * w), b), np.tile(row, b * t), np.tile(col, b * t),
                    pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), self.dim)]
         self._writer.write_batch(pa.record_batch(columns, schema=patch_schema(self.dim)))
         self._records.extend(images)
@@ -216,8 +220,11 @@ def _fsync_close(sink: pa.NativeFile) -> None:
     sink.close()
 
 
-def _open_ipc(path: Path, schema_of: Callable[[int], pa.Schema]) -> tuple[list[pa.RecordBatch], int]:
-    """Memory-mapped record batches and dim of an IPC file whose schema must be ``schema_of(dim)``."""
+def _open_ipc(path: Path, schema_of: Callable[[int], pa.Schema],
+              legacy_of: Callable[[int], pa.Schema] | None = None) -> tuple[list[pa.RecordBatch], int]:
+    """Memory-mapped record batches and dim of an IPC file whose schema must be ``schema_of(dim)``
+    (or ``legacy_of(dim)``: its batches are then cast to ``schema_of(dim)``, the embedding
+    column staying zero-copy)."""
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
         batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
@@ -225,6 +232,9 @@ def _open_ipc(path: Path, schema_of: Callable[[int], pa.Schema]) -> tuple[list[p
             batch.validate()
         meta = {b"store_version": b"1", **(reader.schema.metadata or {})}
         want = schema_of(int(meta.get(b"dim", -1)))
+        if legacy_of is not None and reader.schema.equals(legacy_of(int(meta.get(b"dim", -1)))):
+            batches = [_widen(b, want) for b in batches]
+            return batches, int(meta[b"dim"])
     except FileNotFoundError:
         raise IndexFormatError(f"{path}: patch store file missing") from None
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -234,6 +244,12 @@ def _open_ipc(path: Path, schema_of: Callable[[int], pa.Schema]) -> tuple[list[p
         raise IndexFormatError(f"{path}: not a {want.metadata[b'format'].decode()} file of store version "
                                f"{want.metadata[b'store_version'].decode()} (found {found})")
     return batches, int(meta[b"dim"])
+
+
+def _widen(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with each column cast to ``schema``'s type (int16 locations -> int32)."""
+    return pa.record_batch([c if c.type == f.type else c.cast(f.type) for c, f in zip(batch.columns, schema)],
+                           schema=schema)
 
 
 class PatchStore:
@@ -275,7 +291,8 @@ class PatchStore:
         self._batches, tables, self.dim = [], [], None
         for names in zip(self.files[::2], self.files[1::2]):
             (images, idim), (patches, pdim) = (_open_ipc(self.directory / names[0], image_schema),
-                                               _open_ipc(self.directory / names[1], patch_schema))
+                                               _open_ipc(self.directory / names[1], patch_schema,
+                                                         lambda dim: patch_schema(dim, legacy=True)))
             self.dim = idim if self.dim is None else self.dim
             for name, dim in zip(names, (idim, pdim)):
                 if dim != self.dim:
@@ -306,8 +323,9 @@ class PatchStore:
         unknown = np.full(n, -1, np.int32)
         self._images = pa.table([np.arange(n, dtype=np.int32), [paths[i] for i in range(n)], unknown.astype(np.int64),
                                  pa.nulls(n, pa.string()), unknown, unknown], schema=image_schema(self.dim))
-        self._batches = [pa.record_batch([b["image_id"], np.zeros(len(b), np.int16), b["row"], b["col"],
-                                          b["embedding"]], schema=patch_schema(self.dim)) for b in batches]
+        self._batches = [pa.record_batch([b["image_id"], np.zeros(len(b), np.int32), b["row"].cast(pa.int32()),
+                                          b["col"].cast(pa.int32()), b["embedding"]], schema=patch_schema(self.dim))
+                         for b in batches]
 
     def _view(self, batch: int) -> np.ndarray:
         """Read-only float32 (n, d) zero-copy view of record batch ``batch``'s embeddings: the one
@@ -331,7 +349,7 @@ class PatchStore:
         return self._gather(np.arange(self.num_patches) if rows is None else rows, self._view, np.float32, (self.dim,))
 
     def locations(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """{"image_id" int32, "tile", "row", "col" int16} arrays of the given store rows."""
+        """{"image_id", "tile", "row", "col"} int32 arrays of the given store rows."""
         return {k: self._gather(rows, lambda b: self._batches[b][k].to_numpy(), t) for k, t in _LOCATION.items()}
 
     def images(self) -> pa.Table:

@@ -92,6 +92,20 @@ def test_patches(n_images: int = 4) -> np.ndarray:
     return _embed([g.frame_tensor(load_image(p))[0] for p in paths]).reshape(n_images, -1, 152)
 
 
+def held_patches(n: int = 1000, seed: int = 0) -> np.ndarray:
+    """(n, 152) patch embeddings for tuning nprobe, disjoint from :func:`test_patches`'s
+    queries: a seeded sample of the patches of the first 2 bottle test images of the
+    ``contamination`` and ``broken_small`` classes (never used as queries)."""
+    from patchsearch.data import load_image
+    from patchsearch.geometry import crop_geometry
+
+    test = data_root() / "bottle" / "test"
+    paths = sorted((test / "contamination").glob("*.png"))[:2] + sorted((test / "broken_small").glob("*.png"))[:2]
+    g = crop_geometry()
+    x = _embed([g.frame_tensor(load_image(p))[0] for p in paths])
+    return x[np.sort(np.random.default_rng(seed).choice(len(x), min(n, len(x)), replace=False))]
+
+
 def lift(x: np.ndarray, d: int, seed: int = 0, chunk: int = 65536, path: Path | None = None) -> np.ndarray:
     """relu(x @ W) (see the module doc); with ``path``, written to (and reused from) a
     memory-mapped .npy file, so that a 10 GB bank is file-backed, not anonymous memory."""

@@ -21,24 +21,36 @@ def _clustered(m=6000, d=32, seed=0):
 
 
 def test_auto_params():
-    assert auto_params(1_600_000, 1536) == {"nlist": 4096, "pq_m": 96, "pq_bits": 8, "nprobe": 256, "rerank": 8}
+    assert auto_params(1_600_000, 1536, layout="pq") == {"layout": "pq", "nlist": 4096, "pq_m": 96, "pq_bits": 8,
+                                                         "nprobe": 256, "rerank": 8}
     # 152 = 8 x 19: no GPU layout; 38 sub-quantizers of 4 dims; nlist capped at 39 points a list
-    assert auto_params(16385, 152) == {"nlist": 420, "pq_m": 38, "pq_bits": 8, "nprobe": 26, "rerank": 8}
-    assert auto_params(100_000, 128)["pq_m"] == 32  # 4 dims each, a GPU layout
-    assert auto_params(100, 152)["pq_bits"] == 6  # fewer rows than 2**8 centroids
-    assert auto_params(1000, 64, nlist=7, pq_m=16)["nlist"] == 7
+    assert auto_params(16385, 152, layout="pq") == {"layout": "pq", "nlist": 420, "pq_m": 38, "pq_bits": 8,
+                                                    "nprobe": 26, "rerank": 8}
+    assert auto_params(100_000, 128, layout="pq")["pq_m"] == 32  # 4 dims each, a GPU layout
+    assert auto_params(100, 152, layout="pq")["pq_bits"] == 6  # fewer rows than 2**8 centroids
+    assert auto_params(1000, 64, nlist=7, pq_m=16, layout="pq")["nlist"] == 7
+    # the default layout: RaBitQ fast scan, no PQ parameters
+    assert auto_params(163_840, 152) == {"layout": "rabitqfs", "nlist": 2048, "nprobe": 128, "rerank": 8}
+    assert auto_params(163_840, 152, layout="pqfs")["pq_m"] == 76  # 2 dims per 4-bit sub-quantizer
+    with pytest.raises(InputError, match="4-bit codes only"):
+        auto_params(1000, 152, layout="pqfs", pq_bits=8)
+    with pytest.raises(InputError, match="apply to the PQ layouts"):
+        auto_params(1000, 152, pq_m=38)
+    with pytest.raises(InputError, match="--ivf-layout"):
+        auto_params(1000, 152, layout="lsh")
     with pytest.raises(InputError, match="must divide"):
-        auto_params(1000, 152, pq_m=12)
+        auto_params(1000, 152, pq_m=12, layout="pq")
     with pytest.raises(InputError, match="nprobe 99"):
         auto_params(1000, 64, nlist=8, nprobe=99)
 
 
 def test_gpu_layout_check():
     bank = _clustered(3000, 152)
-    odd = build_shards(bank, 1, auto_params(3000, 152, nlist=8))[0]  # 38 x 4 dims: not a FAISS GPU layout
+    odd = build_shards(bank, 1, auto_params(3000, 152, nlist=8, layout="pq"))[0]  # 38 x 4 dims: not a FAISS GPU layout
     assert not gpu_layout_ok(odd)
-    even = build_shards(_clustered(3000, 128), 1, auto_params(3000, 128, nlist=8))[0]  # 32 x 4
+    even = build_shards(_clustered(3000, 128), 1, auto_params(3000, 128, nlist=8, layout="pq"))[0]  # 32 x 4
     assert gpu_layout_ok(even)
+    assert not gpu_layout_ok(build_shards(_clustered(3000, 128), 1, auto_params(3000, 128, nlist=8))[0])  # RaBitQ
 
 
 def test_ivfpq_recall_and_exact_reranked_distances():
@@ -58,23 +70,24 @@ def test_ivfpq_recall_and_exact_reranked_distances():
 
 def test_nprobe_tuning_and_override():
     bank = _clustered()
-    low = PatchIndex.from_embeddings(bank, index="ivfpq", nlist=64, nprobe=1, rerank=0, support_sets=False)
+    low = PatchIndex.from_embeddings(bank, index="ivfpq", nlist=64, nprobe=1, rerank=0, support_sets=False,
+                                     layout="pq")
     tuned = PatchIndex.from_embeddings(bank, index="ivfpq", nlist=64, rerank=0, target_recall=0.99,
-                                       support_sets=False)
+                                       support_sets=False, layout="pq")
     assert low.params["nprobe"] == 1  # given: kept, not tuned
     nprobe = tuned.params["nprobe"]
-    assert nprobe in (8, 16, 32, 64)  # doubled from nlist / 16 = 4
+    assert 4 < nprobe <= 64  # raised from nlist / 16 = 4 (bank rows as queries: never below it)
     # tuning stops at the first nprobe that reaches the target: half of it does not
     queries = bank[np.sort(np.random.default_rng(0).choice(len(bank), 1000, replace=False))]
     assert tuned.params["recall_at_9"] == pytest.approx(recall_at_k(tuned.searcher, bank, queries, True), abs=1e-5)
     assert tuned.params["recall_at_9"] >= 0.99 or nprobe == 64
-    tuned.set_nprobe(nprobe // 2)
+    tuned.set_nprobe(nprobe - 1)  # the smallest nprobe that reaches the target
     assert recall_at_k(tuned.searcher, bank, queries, True) < 0.99
     tuned.set_nprobe(64)
     assert tuned.params["nprobe"] == 64
     with pytest.raises(InputError, match="between 1 and nlist 64"):
         tuned.set_nprobe(65)
-    with pytest.raises(InputError, match="IVF-PQ indexes only"):
+    with pytest.raises(InputError, match="IVF indexes only"):
         PatchIndex.from_embeddings(bank).set_nprobe(3)
 
 

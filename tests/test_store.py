@@ -55,7 +55,7 @@ def test_round_trip_over_two_partitions(tmp_path):
     loc = store.locations(rows)
     assert loc["image_id"].tolist() == [3, 0, 1, 2, 1, 3, 1] and loc["tile"].tolist() == [0] * 7
     assert loc["row"].tolist() == [2, 0, 0, 0, 2, 0, 0] and loc["col"].tolist() == [3, 0, 1, 0, 3, 0, 1]
-    assert (loc["image_id"].dtype, loc["row"].dtype) == (np.int32, np.int16)
+    assert (loc["image_id"].dtype, loc["row"].dtype) == (np.int32, np.int32)
     with pytest.raises(IndexError):
         store.embeddings([48])
     images = store.images().to_pydict()
@@ -266,3 +266,34 @@ def test_store_is_memory_mapped(tmp_path):
     assert copy.flags.writeable and copy.flags.owndata
     copy[:] = 0
     np.testing.assert_array_equal(store.embeddings(rows), expect[:10])
+
+
+def test_locations_past_int16_do_not_wrap_and_int16_files_still_read(tmp_path):
+    # a 1 x 40,000 feature grid: columns past 32,767 wrapped negative when stored as int16
+    records = _images(tmp_path, [(16, 20)])
+    with PatchStoreWriter(tmp_path, 2) as writer:
+        writer.write(records, np.zeros((1, 1, 40_000, 2), np.float32))
+    store = PatchStore(tmp_path)
+    loc = store.locations([39_999, 32_768])
+    assert loc["col"].tolist() == [39_999, 32_768] and loc["row"].tolist() == [0, 0]
+    assert loc["col"].dtype == np.int32
+    # a partition written with int16 locations (before int32) reads beside a new one
+    from patchsearch.store import partition_files, patch_schema
+    legacy = patch_schema(2, legacy=True)
+    assert legacy.field("col").type == pa.int16()
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    with PatchStoreWriter(old_dir, 2, partition=0) as writer:
+        writer.write(records, np.ones((1, 2, 3, 2), np.float32))
+    table = pa.ipc.open_file(str(old_dir / partition_files(0)[1])).read_all()
+    cast = pa.table([table[n].cast(legacy.field(n).type) for n in legacy.names], schema=legacy)
+    with pa.OSFile(str(old_dir / partition_files(0)[1]), "wb") as sink, pa.ipc.new_file(sink, legacy) as w:
+        w.write_table(cast)
+    with PatchStoreWriter(old_dir, 2, partition=1, first_image_id=1) as writer:
+        writer.write(records, np.full((1, 2, 3, 2), 2, np.float32))
+    both = PatchStore(old_dir)
+    assert both.num_patches == 12
+    loc = both.locations([5, 11])
+    assert loc["row"].tolist() == [1, 1] and loc["col"].tolist() == [2, 2] and loc["image_id"].tolist() == [0, 1]
+    assert loc["row"].dtype == np.int32
+    np.testing.assert_array_equal(both.embeddings([0, 11]), [[1, 1], [2, 2]])
