@@ -68,7 +68,8 @@ def auto_params(rows: int, dim: int, nlist: int | None = None, pq_m: int | None 
                 layout: str | None = None) -> dict:
     """IVF parameters for a bank of ``rows`` x ``dim``; given values are kept (and checked).
 
-    * layout: :func:`choose_layout` (one of :data:`LAYOUTS`).
+    * layout: :func:`choose_layout` (one of :data:`LAYOUTS`); ``pq`` where pq_m or pq_bits
+      is given without a layout (the options of IVF-PQ indexes before layouts existed).
     * nlist: the power of two nearest 4 * sqrt(rows), at most rows / 39 (FAISS wants
       >= 39 training points per centroid), at least 1.
     * pq_m (PQ layouts only): ``pq``: the largest sub-quantizer count that FAISS GPU
@@ -89,7 +90,8 @@ def auto_params(rows: int, dim: int, nlist: int | None = None, pq_m: int | None 
         InputError: unknown layout, pq_m does not divide dim, PQ options for a RaBitQ
             layout, nlist outside [1, rows], bad bits/nprobe/rerank.
     """
-    layout = choose_layout(rows, dim) if layout is None else layout
+    if layout is None:  # PQ options name the layout they belong to (``--index ivfpq --pq-m M`` as before layouts)
+        layout = "pq" if pq_m is not None or pq_bits is not None else choose_layout(rows, dim)
     if layout not in LAYOUTS:
         raise InputError(f"--ivf-layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if nlist is None:

@@ -35,7 +35,9 @@ def test_auto_params():
     with pytest.raises(InputError, match="4-bit codes only"):
         auto_params(1000, 152, layout="pqfs", pq_bits=8)
     with pytest.raises(InputError, match="apply to the PQ layouts"):
-        auto_params(1000, 152, pq_m=38)
+        auto_params(1000, 152, pq_m=38, layout="rabitqfs")
+    # PQ options without a layout: the IVF-PQ layout they belong to (commands from before layouts)
+    assert auto_params(1000, 152, pq_m=38)["layout"] == "pq" and auto_params(1000, 152, pq_bits=6)["pq_bits"] == 6
     with pytest.raises(InputError, match="--ivf-layout"):
         auto_params(1000, 152, layout="lsh")
     with pytest.raises(InputError, match="must divide"):

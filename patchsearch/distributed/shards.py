@@ -82,6 +82,16 @@ class ShardActor:
         d2, ids = rerank(queries, self.rows, local, k)
         return d2, np.where(ids >= 0, ids + self.start, -1)
 
+    def brute_force(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact squared L2 top k over all the bank rows this shard holds (``faiss.knn``),
+        whatever the index type; -1 rows (float max distance) where it holds fewer than k."""
+        n, kk = len(queries), min(k, len(self.rows))
+        d2 = np.full((n, k), np.finfo(np.float32).max, np.float32)
+        ids = np.full((n, k), -1, np.int64)
+        d2[:, :kk], found = faiss().knn(np.ascontiguousarray(queries, dtype=np.float32), self.rows, kk)
+        ids[:, :kk] = np.where(found >= 0, found + self.start, -1)
+        return d2, ids
+
     def embeddings(self, rows: np.ndarray) -> np.ndarray:
         """float32 (len(rows), d) bank rows (all in this shard's range)."""
         return self.rows[np.asarray(rows) - self.start]
@@ -149,6 +159,13 @@ class RemoteShardedSearcher:
             return d2, ids
         cand = ray.put(ids)
         return self._merge(self._get([a.exact.remote(q, cand, k) for a in self.actors], "re-ranking"))
+
+    def exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k nearest bank rows of every index type: each actor's brute force over its
+        rows (:meth:`ShardActor.brute_force`), merged; as ``faiss.knn`` over the whole bank."""
+        ray = connect(None)
+        q = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
+        return self._merge(self._get([a.brute_force.remote(q, k) for a in self.actors], "an exact search"))
 
     def embeddings(self, rows: np.ndarray) -> np.ndarray:
         """float32 (len(rows), d) bank rows, each fetched from the actor that holds it."""
@@ -253,14 +270,19 @@ class RemotePatchIndex(PatchIndex):
 
     def support_sets(self, rows: np.ndarray, b: int = B) -> np.ndarray:
         """N_b(m) of bank rows m (see :meth:`PatchIndex.support_sets`), from the actors'
-        precomputed support sets where they have this b, else by a search."""
+        precomputed support sets where they have this b, else by an exact search: the flat
+        shards' own, or for IVF the actors' brute force over their rows
+        (:meth:`RemoteShardedSearcher.exact_search`), so N_b stays exact as in the local index."""
         rows = np.asarray(rows, dtype=np.int64)
         b = min(b, self.size)
         if self._support_b == b:
             got = self.searcher.support_sets(rows)
             if got is not None:
                 return got
-        _, nn = self.knn(self.bank[rows], min(b + 1, self.size))
+        if self.searcher.params:  # IVF: its candidates are approximate
+            _, nn = self.searcher.exact_search(self.bank[rows], min(b + 1, self.size))
+        else:
+            _, nn = self.knn(self.bank[rows], min(b + 1, self.size))
         return support_from_neighbours(rows, nn, b)
 
     @property
