@@ -8,7 +8,8 @@ bank, shard and manifest as a build does, and prints
 the peak anonymous memory (sampled RssAnon: what must fit in RAM) and the peak RSS
 (which also counts pages of the memory-mapped store, reclaimable page cache). The store is read memory-mapped.
 
-    python scripts/bench_memory.py [--dir /tmp/ps-mem]
+    python scripts/bench_memory.py [--dir /tmp/ps-mem] [--rows 1600000 --dim 1536 --ratio 0.1]
+    python scripts/bench_memory.py --rows 10000000 --dim 152      # the 10M x 152 store
 """
 
 from __future__ import annotations
@@ -52,29 +53,40 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/ps-mem"))
     ap.add_argument("--rows", type=int, default=1_600_000)
+    ap.add_argument("--dim", type=int, default=1536, choices=(152, 1536),
+                    help="1536: the lifted stand-in patches; 152: the real 152-d patches (beyond 1.6M: "
+                         "the 1.6M augmented bottle patches repeated, each repeat with N(0, 0.05^2) jitter)")
+    ap.add_argument("--ratio", type=float, default=0.1, help="coreset ratio")
     args = ap.parse_args()
     import threading
 
     threading.Thread(target=_sample, daemon=True).start()
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
-    base = benchdata.augmented_patches(args.rows)
-    data = benchdata.lift(base, 1536, path=benchdata.CACHE / f"bank_{args.rows}_1536.npy")
+    if args.dim == 1536:
+        base = benchdata.augmented_patches(args.rows)
+        data = benchdata.lift(base, 1536, path=benchdata.CACHE / f"bank_{args.rows}_1536.npy")
+    else:
+        data = benchdata.augmented_patches(min(args.rows, 1_600_000))
     t = time.perf_counter()
     per = 16 * 784
-    with PatchStoreWriter(args.dir, 1536) as w:
+    rng = np.random.default_rng(0)
+    with PatchStoreWriter(args.dir, args.dim) as w:
         for s in range(0, args.rows, per):
-            chunk = np.asarray(data[s:s + per])
-            n = len(chunk) // 784
+            rep, at = divmod(s, len(data))
+            chunk = np.asarray(data[at:at + per], dtype=np.float32)
+            if rep:  # a repeat of the real patches: jittered so that no two store rows are equal
+                chunk = chunk + rng.normal(0, 0.05, chunk.shape).astype(np.float32)
+            n = min(len(chunk), args.rows - s) // 784
             w.write([ImageRecord(f"img{s // 784 + i}.png", 0, "", 224, 224) for i in range(n)],
-                    chunk[: n * 784].reshape(n, 28, 28, 1536))
+                    chunk[: n * 784].reshape(n, 28, 28, args.dim))
     del data
     size = sum((args.dir / f).stat().st_size for f in w.files)
-    print(f"| store written ({args.rows:,} x 1536, {size / 2**30:.1f} GiB) | "
+    print(f"| store written ({w.num_patches:,} x {args.dim}, {size / 2**30:.1f} GiB) | "
           f"{time.perf_counter() - t:.0f} s | {peak_gb()} |", flush=True)
     timings = {}
     t = time.perf_counter()
-    built = index_from_store(args.dir, {"category": "synthetic"}, timings, 0.1, 0, 1, "flat", None, False,
+    built = index_from_store(args.dir, {"category": "synthetic"}, timings, args.ratio, 0, 1, "flat", None, True,
                              lambda m: print("   " + m, flush=True))
     print(f"| coreset {timings['coreset']:.0f} s + bank, support sets, index {timings['index']:.0f} s | "
           f"{time.perf_counter() - t:.0f} s | {peak_gb()} |", flush=True)
