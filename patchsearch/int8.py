@@ -1,17 +1,17 @@
 """Exact k-NN on CPUs with int8 dot-product instructions: an int8 candidate pass, exact
 fp32 re-ranking, and a per-query check that sends doubtful queries to exact FAISS search.
 
-Used by :class:`patchsearch.index.PatchIndex` for flat banks where it was measured to beat
-``faiss.IndexFlatL2`` (``exact="auto"``: d >= 512 and at most
-:data:`patchsearch.index.AUTO_INT8_MAX_ROWS` rows, on CPUs with AVX512-VNNI, AVX-VNNI or
-AMX-INT8, with torch >= 2.3), or on request (``exact="int8"``); see the README's search
-benchmark. The int8 codes are built on the first search, never on load.
+Used by :class:`patchsearch.index.PatchIndex` only on request (``exact="int8"``, flat
+banks on CPU, torch >= 2.3): ``exact="auto"`` never picks it, since on this project's
+Intel Xeon with AVX512-VNNI and AMX-INT8 it was slower than ``faiss.IndexFlatL2`` in 13 of
+18 measurements and faster at no shape in all three runs (see the README's int8 table).
+It pays only where the CPU has int8 dot-product instructions. The int8 codes are built
+on the first search, never on load.
 """
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 
@@ -30,15 +30,6 @@ def torch_has_int_mm() -> bool:
     except ValueError:
         return False
     return (major, minor) >= MIN_TORCH and hasattr(torch, "_int_mm")
-
-
-def cpu_has_int8_dot() -> bool:
-    """True where the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 class Int8Searcher:
