@@ -567,7 +567,8 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
         drop = set(_match(store, paths, root, index_dir))
         if len(drop) >= store.num_images:
             raise InputError(f"removing {len(drop)} frame(s) would leave the patch store of {index_dir} empty")
-        frames = [store.image_paths()[i] for i in sorted(drop)]
+        names = store.image_paths()
+        frames = [names[i] for i in sorted(drop)]
         project, space = _projector(index.manifest, index.dim)
         radius, computed = _covering_radius(index, store, project, space, log)
         partitions = [int(p) for p in index.manifest.store["partitions"]]
