@@ -238,9 +238,8 @@ def _answer(loaded: Loaded, part, frame, name: str, heatmap: bool) -> dict:
     from ..query import add_maps
     from ..report import heatmap as render_heatmap, record
 
-    pos = 0
     add_maps(loaded.index, part, [frame.size])
-    body = record(loaded.index, part, pos)
+    body = record(loaded.index, part, 0)  # part holds this one frame
     body.pop("path", None)
     body.update(category=loaded.category, version=loaded.version, name=name or None,
                 frame={"width": frame.size[0], "height": frame.size[1]}, pixel_threshold=part.pixel_threshold)
@@ -251,7 +250,7 @@ def _answer(loaded: Loaded, part, frame, name: str, heatmap: bool) -> dict:
         from PIL import Image
 
         buf = io.BytesIO()
-        Image.fromarray(render_heatmap(loaded.index, part, pos, np.asarray(frame))).save(buf, format="PNG")
+        Image.fromarray(render_heatmap(loaded.index, part, 0, np.asarray(frame))).save(buf, format="PNG")
         body["heatmap_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
     return {k: v for k, v in body.items() if v is not None or k in ("decision", "threshold", "version")}
 
