@@ -14,6 +14,15 @@ is added, a point x of block b can only get closer to the selection if
 ||c - r_b|| - R_b >= max_{x in b} min_dist(x) is skipped whole. Late in the
 selection most blocks are skipped, so the cost per step falls far below the
 O(N d) of the plain algorithm while the chosen points stay the same.
+
+Two refinements keep it fast at millions of patches. Beyond ``FLAT_BLOCKS`` blocks
+(~260k patches) the blocks are made by two-level k-means (about sqrt(B) coarse cells,
+each split by its own k-means: O(N sqrt(B) d) to make, not O(N B d)). And the blocks
+are grouped into cells of about ``BLOCKS_PER_CELL`` by k-means of their centroids: a
+new centre is first tested against each cell's ball, and only the centres that can
+reach a cell are tested against its blocks. Updates are lazy: only the cell and the
+block with the largest bound are brought up to date, until the top block is current;
+its farthest point is then the exact greedy choice.
 """
 
 from __future__ import annotations
@@ -74,41 +83,108 @@ def random_projection(embeddings, projection_dim: int = PROJECTION_DIM, seed: in
     return out
 
 
-def _blocks(points: np.ndarray, num_blocks: int, seed: int, chunk: int = 16384):
-    """k-means blocks: (order, starts, sizes, centres (B, d) float32, radii (B,) float64,
-    the points in block order).
+FLAT_BLOCKS = 1024  # above this many blocks, they are made by two-level k-means
+BLOCKS_PER_CELL = 16  # the lazy loop's cells: k-means groups of about this many blocks
 
-    float32 throughout, no N-sized float64 temporary: the block means are float32 (the
-    pruning stays exact with any centre, as each radius is measured from its own centre),
-    the per-point squared distances to their centre are computed chunk by chunk.
-    """
+
+def _kmeans(points: np.ndarray, k: int, seed: int):
+    """``faiss.Kmeans`` (8 iterations, <= 64 training points a centroid): the nearest
+    centroid of every point, int64 (n,), and the float32 (k, d) centroids."""
     import faiss
 
-    n, d = points.shape
-    num_blocks = max(1, min(num_blocks, n // 8 or 1))
-    if num_blocks == 1:
-        assign = np.zeros(n, dtype=np.int64)
-    else:
-        km = faiss.Kmeans(d, num_blocks, niter=8, seed=seed, max_points_per_centroid=64, verbose=False)
-        km.train(points)
-        _, assign = km.index.search(points, 1)
-        assign = assign[:, 0]
-    order = np.argsort(assign, kind="stable")
-    sizes = np.bincount(assign, minlength=num_blocks)
-    del assign
-    keep = sizes > 0
-    sizes = sizes[keep]
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    sorted_pts = points[order]
-    # float32 block means: any centre gives valid bounds, as the radii are measured from it
-    centres = (np.add.reduceat(sorted_pts, starts, axis=0) / sizes[:, None].astype(np.float32)).astype(np.float32)
-    block = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
-    sq = np.empty(n, dtype=np.float32)
-    for s in range(0, n, chunk):
-        diff = sorted_pts[s:s + chunk] - centres[block[s:s + chunk]]
-        sq[s:s + len(diff)] = np.einsum("ij,ij->i", diff, diff)
-    radii = np.sqrt(np.maximum.reduceat(sq, starts).astype(np.float64)) * (1 + 1e-6)  # float32 rounding
-    return order, starts, sizes, centres, radii, sorted_pts
+    if k <= 1:
+        return np.zeros(len(points), dtype=np.int64), points.mean(0, dtype=np.float64)[None].astype(np.float32)
+    km = faiss.Kmeans(points.shape[1], k, niter=8, seed=seed, max_points_per_centroid=64, verbose=False)
+    km.train(points)
+    return km.index.search(points, 1)[1][:, 0], km.centroids
+
+
+def _block_assignment(points: np.ndarray, num_blocks: int, seed: int):
+    """Block of every point, int64 (n,), and the blocks' k-means centroids, float32 (B, d).
+
+    Up to ``FLAT_BLOCKS`` blocks: one k-means. Beyond: two-level k-means (about
+    sqrt(num_blocks) coarse cells, each split in proportion to its size), so the cost is
+    O(N sqrt(B) d) instead of O(N B d). Any partition keeps the selection exact (the
+    bounds use each block's own radius); compact blocks only make the pruning effective.
+    """
+    n = len(points)
+    if num_blocks <= FLAT_BLOCKS:
+        return _kmeans(points, num_blocks, seed)
+    coarse, _ = _kmeans(points, int(math.ceil(math.sqrt(num_blocks))), seed)
+    order = np.argsort(coarse, kind="stable")
+    sizes = np.bincount(coarse)
+    del coarse
+    assign = np.empty(n, dtype=np.int64)
+    centroids, at = [], 0
+    for size in sizes:
+        rows = order[at:at + size]
+        at += size
+        if size == 0:
+            continue
+        k = max(1, min(int(round(size * num_blocks / n)), size // 8 or 1))
+        local, cents = _kmeans(points[rows], k, seed)
+        assign[rows] = sum(len(c) for c in centroids) + local
+        centroids.append(cents)
+    return assign, np.concatenate(centroids)
+
+
+class _Blocks:
+    """The points in block order and the pruning geometry of blocks and their cells.
+
+    order: int64 (n,) original row of each point; pts: float32 (n, p) points in block
+    order; starts, ends: int64 (B,) row range of each block; centres: float32 (B, p) block
+    means; radii: float64 (B,) max L2 distance of a block's points to its centre;
+    cell_starts, cell_ends: int64 (G,) block range of each cell (about BLOCKS_PER_CELL
+    blocks, grouped by k-means of their centroids); cell_centres,
+    cell_radii: the same geometry for the cells (cell radius: an upper bound, the max over
+    its blocks of centre distance + block radius).
+    """
+
+    def __init__(self, points: np.ndarray, num_blocks: int, seed: int, chunk: int = 16384):
+        n = len(points)
+        num_blocks = max(1, min(num_blocks, n // 8 or 1))
+        assign, centroids = _block_assignment(points, num_blocks, seed)
+        # cells: k-means of the block centroids; blocks renumbered so that each cell's are contiguous
+        cell_of_block, _ = _kmeans(centroids, len(centroids) // BLOCKS_PER_CELL, seed)
+        renumber = np.empty(len(centroids), dtype=np.int64)
+        renumber[np.argsort(cell_of_block, kind="stable")] = np.arange(len(centroids))
+        cell_of_block = np.sort(cell_of_block)
+        assign = renumber[assign]
+        self.order = np.argsort(assign, kind="stable")
+        sizes = np.bincount(assign, minlength=len(centroids))
+        del assign
+        keep = sizes > 0
+        sizes, cell_of_block = sizes[keep], cell_of_block[keep]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.ends = self.starts + sizes
+        self.pts = pts = points[self.order]
+        # float32 block means: any centre gives valid bounds, as the radii are measured from it
+        self.centres = (np.add.reduceat(pts, self.starts, axis=0) / sizes[:, None].astype(np.float32)).astype(np.float32)
+        block = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+        sq = np.empty(n, dtype=np.float32)
+        for s in range(0, n, chunk):
+            diff = pts[s:s + chunk] - self.centres[block[s:s + chunk]]
+            sq[s:s + len(diff)] = np.einsum("ij,ij->i", diff, diff)
+        del block
+        self.radii = np.sqrt(np.maximum.reduceat(sq, self.starts).astype(np.float64)) * (1 + 1e-6)  # float32 rounding
+        cells = np.nonzero(np.diff(cell_of_block, prepend=-1))[0]
+        self.cell_starts = cells.astype(np.int64)
+        self.cell_ends = np.append(cells[1:], len(sizes)).astype(np.int64)
+        weights = sizes.astype(np.float64)
+        sums = np.add.reduceat(self.centres.astype(np.float64) * weights[:, None], cells, axis=0)
+        self.cell_centres = (sums / np.add.reduceat(weights, cells)[:, None]).astype(np.float32)
+        cell_index = np.repeat(np.arange(len(cells)), self.cell_ends - self.cell_starts)
+        reach = np.linalg.norm(self.centres.astype(np.float64) - self.cell_centres[cell_index], axis=1) + self.radii
+        self.cell_radii = np.maximum.reduceat(reach, cells) * (1 + 1e-6) + 1e-6
+
+
+def _survivors(sel_pts, sel_norms, rows, centre, centre_norm, radius, upper):
+    """Which of the selected centres ``rows`` can bring a point of the ball (centre, radius)
+    below ``upper`` (squared L2): the others are at least sqrt(upper) from all of it
+    (triangle inequality), i.e. ||c - centre|| >= radius + sqrt(upper). The bound is
+    widened by 1e-4 (relative, squared) against float32 rounding of the expansion."""
+    reach = (radius + math.sqrt(max(upper, 0.0))) ** 2 * (1 + 1e-4) - centre_norm if upper < math.inf else math.inf
+    return np.flatnonzero(sel_norms[rows] - 2.0 * (sel_pts[rows] @ centre) < reach)
 
 
 def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int = PROJECTION_DIM,
@@ -122,7 +198,8 @@ def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int 
             The same input and seed always give the same selection.
         projection_dim: dimension of the random projection used for distances
             (no projection when d <= projection_dim).
-        num_blocks: number of pruning blocks (default about N / 256).
+        num_blocks: number of pruning blocks (default about N / 256; two-level k-means
+            above ``FLAT_BLOCKS``).
         progress: show a tqdm progress bar.
 
         return_radius: also return the covering radius of the selection.
@@ -145,18 +222,22 @@ def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int 
         everything = np.arange(n, dtype=np.int64)
         return (everything, 0.0) if return_radius else everything
 
-    order, starts, sizes, centres, radii, pts = _blocks(points, num_blocks or max(1, n // 256), seed)
-    del points                                            # pts: the same, block-contiguous
+    geo = _Blocks(points, num_blocks or max(1, n // 256), seed)
+    del points                                            # geo.pts: the same, block-contiguous
+    order, starts, ends, centres, radii, pts = geo.order, geo.starts, geo.ends, geo.centres, geo.radii, geo.pts
     norms = np.einsum("ij,ij->i", pts, pts)
     centre_norms = np.einsum("ij,ij->i", centres, centres)
-    nb = len(sizes)
-    ends = starts + sizes
+    cell_norms = np.einsum("ij,ij->i", geo.cell_centres, geo.cell_centres)
+    nb, ng = len(starts), len(geo.cell_starts)
     min_sq = np.full(n, np.inf, dtype=np.float32)         # squared distance to the selection
     upper = np.full(nb, np.inf)                           # >= max of min_sq over each block
-    applied = np.zeros(nb, dtype=np.int64)                # selected centres already applied per block
+    cell_upper = np.full(ng, np.inf)                      # = max of upper over each cell's blocks
+    cell_applied = np.zeros(ng, dtype=np.int64)           # selected centres already filtered per cell
+    passed = [np.empty(16, dtype=np.int32) for _ in range(ng)]  # per cell: centres that may reach it
+    passed_n = np.zeros(ng, dtype=np.int64)
+    applied = np.zeros(nb, dtype=np.int64)                # per block: passed[cell] entries applied
     sel_pts = np.empty((n_select, pts.shape[1]), dtype=np.float32)
     sel_norms = np.empty(n_select, dtype=np.float32)
-    margin = 1e-4
 
     position = np.empty(n, dtype=np.int64)
     position[order] = np.arange(n)
@@ -176,24 +257,42 @@ def kcenter_greedy(embeddings, ratio: float, seed: int = 0, projection_dim: int 
             if step == n_select - 1 and not return_radius:
                 break
             done = step + 1
-        # Lazy update: only the block with the largest upper bound is brought up to date
-        # (against the centres chosen since its last update that can reach it), until the
+        # Lazy update: only the cell, and in it the block, with the largest upper bound is
+        # brought up to date (the cell against the centres chosen since it was last
+        # filtered, the block against those of them that can reach the cell), until the
         # top block is current; its farthest point is then the exact greedy choice.
         while True:
-            b = int(np.argmax(upper))
-            if applied[b] == done:
+            g = int(np.argmax(cell_upper))
+            if cell_applied[g] < done:
+                first = int(cell_applied[g])
+                near = _survivors(sel_pts, sel_norms, slice(first, done), geo.cell_centres[g], cell_norms[g],
+                                  geo.cell_radii[g], cell_upper[g]) + first
+                k = int(passed_n[g])
+                if k + near.size > len(passed[g]):  # full: drop what all its blocks have had, then grow
+                    bs, be = geo.cell_starts[g], geo.cell_ends[g]
+                    used = int(applied[bs:be].min())
+                    kept = passed[g][used:k]
+                    applied[bs:be] -= used
+                    k -= used
+                    passed[g] = np.empty(max(16, 2 * (k + near.size)), dtype=np.int32)
+                    passed[g][:k] = kept
+                passed[g][k:k + near.size] = near
+                passed_n[g] = k + near.size
+                cell_applied[g] = done
+            bs, be = geo.cell_starts[g], geo.cell_ends[g]
+            b = int(bs + np.argmax(upper[bs:be]))
+            if applied[b] == passed_n[g]:
                 break
             lo, hi = starts[b], ends[b]
-            cand = slice(int(applied[b]), done)
-            dc = np.sqrt(np.maximum(sel_norms[cand] - 2.0 * (sel_pts[cand] @ centres[b]) + centre_norms[b], 0.0))
-            gap = dc - radii[b]
-            near = np.nonzero((gap <= 0) | (gap * gap * (1 - margin) < upper[b]))[0]
+            cand = passed[g][applied[b]:passed_n[g]]
+            near = _survivors(sel_pts, sel_norms, cand, centres[b], centre_norms[b], radii[b], upper[b])
             if near.size:
-                c = sel_pts[cand][near]
-                d2 = (norms[lo:hi, None] - 2.0 * (pts[lo:hi] @ c.T) + sel_norms[cand][near][None, :]).min(1)
+                c = cand[near]
+                d2 = (norms[lo:hi, None] - 2.0 * (pts[lo:hi] @ sel_pts[c].T) + sel_norms[c][None, :]).min(1)
                 np.minimum(min_sq[lo:hi], d2, out=min_sq[lo:hi])
                 upper[b] = float(min_sq[lo:hi].max())
-            applied[b] = done
+                cell_upper[g] = float(upper[bs:be].max())
+            applied[b] = passed_n[g]
         if step == n_select:
             radius = float(np.sqrt(max(float(upper[b]), 0.0)))
             break

@@ -31,6 +31,31 @@ def test_equals_plain_greedy_on_projection(d, proj):
     np.testing.assert_array_equal(sel, _plain_greedy(p, 150, sel[0]))
 
 
+@pytest.mark.parametrize("num_blocks", [1, 40, 375])
+def test_two_level_blocks_keep_the_exact_selection(monkeypatch, num_blocks):
+    """Beyond FLAT_BLOCKS the blocks come from two-level k-means; new centres are filtered
+    by cell (k-means groups of blocks) first: the selection and its covering radius stay
+    those of textbook greedy."""
+    from patchsearch import coreset
+
+    monkeypatch.setattr(coreset, "FLAT_BLOCKS", 4)
+    x = _clustered(d=24, seed=4)
+    geo = coreset._Blocks(x, num_blocks, seed=0)
+    cells = len(geo.cell_starts)
+    assert (cells > 1) == (num_blocks >= 2 * coreset.BLOCKS_PER_CELL)
+    np.testing.assert_array_equal(np.sort(geo.order), np.arange(len(x)))
+    assert geo.cell_starts[0] == 0 and geo.cell_ends[-1] == len(geo.starts)
+    block = np.repeat(np.arange(len(geo.starts)), geo.ends - geo.starts)
+    assert (np.linalg.norm(geo.pts - geo.centres[block], axis=1) <= geo.radii[block]).all()
+    for g in range(cells):  # every cell's ball holds all of its points
+        lo, hi = geo.starts[geo.cell_starts[g]], geo.ends[geo.cell_ends[g] - 1]
+        far = np.linalg.norm(geo.pts[lo:hi] - geo.cell_centres[g], axis=1).max()
+        assert far <= geo.cell_radii[g]
+    sel, radius = kcenter_greedy(x, 0.05, seed=5, num_blocks=num_blocks, return_radius=True)
+    np.testing.assert_array_equal(sel, _plain_greedy(x.astype(np.float64), 150, sel[0]))
+    assert radius == pytest.approx(covering_radius(x, sel), rel=1e-4)
+
+
 def test_covering_radius_beats_random():
     x = _clustered(d=64, seed=1)
     sel = kcenter_greedy(x, 0.02, seed=0)
