@@ -4,9 +4,10 @@
 Writes a patch store of 1,600,000 x 1536 float32 (10 GB; the 1536-d stand-in patches of
 benchdata.py, in batches of 16 images of 784 patches), then runs the build's store ->
 coreset (ratio 0.1) -> memory bank -> support sets -> flat index stage on it, writes the
-bank, shard and manifest as a build does, and prints
-the peak anonymous memory (sampled RssAnon: what must fit in RAM) and the peak RSS
-(which also counts pages of the memory-mapped store, reclaimable page cache). The store is read memory-mapped.
+bank, shard and manifest as a build does, and prints a table of each stage's time and
+peak anonymous memory (sampled RssAnon: what must fit in RAM; each stage's own peak) and
+the process's peak RSS so far (which also counts pages of the memory-mapped store,
+reclaimable page cache). The store is read memory-mapped.
 
     python scripts/bench_memory.py [--dir /tmp/ps-mem] [--rows 1600000 --dim 1536 --ratio 0.1]
     python scripts/bench_memory.py --rows 10000000 --dim 152      # the 10M x 152 store
@@ -27,25 +28,12 @@ from patchsearch.pipeline import index_from_store
 from patchsearch.store import ImageRecord, PatchStoreWriter
 
 
-_PEAK_ANON = [0]
-
-
-def _anon_gb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 2 ** 20
-    return 0.0
-
-
-def _sample():
-    while True:
-        _PEAK_ANON[0] = max(_PEAK_ANON[0], _anon_gb())
-        time.sleep(0.05)
+MEMORY: benchdata.PeakMemory | None = None
 
 
 def peak_gb() -> str:
     """Peak anonymous (heap) memory so far, and peak RSS including memory-mapped file pages."""
-    return (f"{_PEAK_ANON[0]:.2f} GiB anonymous (RSS incl. mapped file pages "
+    return (f"{MEMORY.peak:.2f} GiB anonymous (RSS incl. mapped file pages "
             f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB)")
 
 
@@ -58,45 +46,49 @@ def main():
                          "the 1.6M augmented bottle patches repeated, each repeat with N(0, 0.05^2) jitter)")
     ap.add_argument("--ratio", type=float, default=0.1, help="coreset ratio")
     args = ap.parse_args()
-    import threading
-
-    threading.Thread(target=_sample, daemon=True).start()
+    global MEMORY
+    MEMORY = benchdata.PeakMemory()
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
+    t = time.perf_counter()
+    per = 16 * 784
     if args.dim == 1536:
         base = benchdata.augmented_patches(args.rows)
         data = benchdata.lift(base, 1536, path=benchdata.CACHE / f"bank_{args.rows}_1536.npy")
+        chunks = (np.asarray(data[s:s + per], dtype=np.float32) for s in range(0, args.rows, per))
     else:
-        data = benchdata.augmented_patches(min(args.rows, 1_600_000))
-    t = time.perf_counter()
-    per = 16 * 784
-    rng = np.random.default_rng(0)
+        chunks = benchdata.jittered_chunks(args.rows, per)
     with PatchStoreWriter(args.dir, args.dim) as w:
-        for s in range(0, args.rows, per):
-            rep, at = divmod(s, len(data))
-            chunk = np.asarray(data[at:at + per], dtype=np.float32)
-            if rep:  # a repeat of the real patches: jittered so that no two store rows are equal
-                chunk = chunk + rng.normal(0, 0.05, chunk.shape).astype(np.float32)
-            n = min(len(chunk), args.rows - s) // 784
+        for s, chunk in zip(range(0, args.rows, per), chunks):
+            n = len(chunk) // 784
             w.write([ImageRecord(f"img{s // 784 + i}.png", 0, "", 224, 224) for i in range(n)],
                     chunk[: n * 784].reshape(n, 28, 28, args.dim))
-    del data
     size = sum((args.dir / f).stat().st_size for f in w.files)
+    print("| stage | seconds | peak memory |\n|---|---|---|")
     print(f"| store written ({w.num_patches:,} x {args.dim}, {size / 2**30:.1f} GiB) | "
-          f"{time.perf_counter() - t:.0f} s | {peak_gb()} |", flush=True)
-    timings = {}
+          f"{time.perf_counter() - t:.0f} | {peak_gb()} |", flush=True)
+    timings, stage_peak = {}, {}
+
+    def log(msg: str):
+        if msg.startswith("coreset:"):  # the end of the coreset stage: its peak, then a new window
+            stage_peak["coreset"] = peak_gb()
+            MEMORY.reset()
+        print("   " + msg, flush=True)
+
+    MEMORY.reset()
     t = time.perf_counter()
-    built = index_from_store(args.dir, {"category": "synthetic"}, timings, args.ratio, 0, 1, "flat", None, True,
-                             lambda m: print("   " + m, flush=True))
-    print(f"| coreset {timings['coreset']:.0f} s + bank, support sets, index {timings['index']:.0f} s | "
-          f"{time.perf_counter() - t:.0f} s | {peak_gb()} |", flush=True)
+    built = index_from_store(args.dir, {"category": "synthetic"}, timings, args.ratio, 0, 1, "flat", None, True, log)
+    print(f"| coreset ({built.size:,} of {w.num_patches:,}, ratio {args.ratio}) | "
+          f"{timings['coreset']:.0f} | {stage_peak['coreset']} |")
+    print(f"| memory bank, support sets, flat index | {timings['index']:.0f} | {peak_gb()} |", flush=True)
+    MEMORY.reset()
     t_write = time.perf_counter()
     built.write(args.dir)  # bank, FAISS shard, manifest with every file's SHA-256 (the store's too)
     write = time.perf_counter() - t_write
     total = time.perf_counter() - t
-    print(f"| write bank, shard, manifest (SHA-256 of every file) | {write:.0f} s | {peak_gb()} |", flush=True)
+    print(f"| write bank, shard, manifest (SHA-256 of every file) | {write:.0f} | {peak_gb()} |", flush=True)
     print(f"| total after the store: coreset {timings['coreset'] / total:.0%} of {total:.0f} s, "
-          f"everything else {1 - timings['coreset'] / total:.0%} | | |", flush=True)
+          f"everything else {1 - timings['coreset'] / total:.0%} | {total:.0f} | |", flush=True)
     shutil.rmtree(args.dir, ignore_errors=True)
 
 

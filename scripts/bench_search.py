@@ -17,7 +17,10 @@ recall@9 is measured on the benchmark's queries against exact (faiss.knn) search
 bytes/vector is the index's serialized size per memory-bank vector (flat: 4 d; the IVF
 indexes also need the memory bank itself, 4 d, for re-ranking). "vs flat" is against
 IndexFlatL2 (1 shard) in the same run. "of fp32 mm" is 2 * queries * bank * d / time
-divided by the machine's measured fp32 matmul rate.
+divided by the machine's measured fp32 matmul rate. "peak GiB" is the peak anonymous
+memory (sampled RssAnon, benchdata.PeakMemory) while the method was built and searched,
+above the level before it: what the index and its search add to the bank (which is
+file-backed, memory-mapped, from 4 GiB).
 
 The second table is the PatchCore query itself (k = 9 for every patch plus the Eq. 7
 image score) for 4 test images of 784 patches: torch brute force (two searches, as
@@ -26,6 +29,8 @@ anomalib) against PatchIndex.search (precomputed support sets: one search).
     python scripts/bench_search.py                       # 16k, 160k, 1.6M x 152, 1536
     python scripts/bench_search.py --sizes 160k,1.6m --dims 152 --methods flat,ivf
     python scripts/bench_search.py --sizes 16k --dims 1536
+    python scripts/bench_search.py --sizes 160k,1.6m,10m --dims 152,1536 --methods torch,flat,ivf --layouts rabitqfs
+                                    # issue 10's table; 10m x 1536 is skipped (152-d only beyond 1.6M)
 """
 
 from __future__ import annotations
@@ -102,9 +107,22 @@ def torch_patchcore(bank: torch.Tensor, patches: torch.Tensor, k=9, b=9):
     return dist, loc, weights * s_star
 
 
+MEMORY: benchdata.PeakMemory | None = None
+
+
 class LoggedDict(dict):
+    """Method -> (build s, search s, recall@9, bytes/vector, peak GiB): the peak is that of
+    the window since :meth:`start` (called, after collecting garbage, before each method),
+    above the level it started at."""
+
+    def start(self):
+        gc.collect()
+        self._base = MEMORY.reset()
+
     def __setitem__(self, key, value):
-        print(f"   {key}: build {value[0]:.1f} s, search {value[1]:.2f} s, recall {value[2]:.4f}", flush=True)
+        value = (*value, MEMORY.peak - self._base)
+        print(f"   {key}: build {value[0]:.1f} s, search {value[1]:.2f} s, recall {value[2]:.4f}, "
+              f"peak +{value[4]:.2f} GiB", flush=True)
         super().__setitem__(key, value)
 
 
@@ -121,6 +139,8 @@ def parse_size(s: str) -> int:
 
 
 def bank_for(m: int, d: int) -> np.ndarray:
+    if m > benchdata.AUGMENTED:  # the jittered repeats (152-d only), memory-mapped
+        return benchdata.jittered_patches(m)
     base = benchdata.train_patches() if m <= 163_856 else benchdata.augmented_patches(m)
     rows = np.sort(np.random.default_rng(1).choice(len(base), m, replace=False)) if m < len(base) else np.arange(m)
     big = m * d * 4 > 2 ** 32  # > 4 GiB: keep it in a memory-mapped file
@@ -136,6 +156,8 @@ def main():
     ap.add_argument("--layouts", default="rabitqfs,rabitq,pqfs,pq", help="IVF layouts (method ivf)")
     args = ap.parse_args()
     methods = args.methods.split(",")
+    global MEMORY
+    MEMORY = benchdata.PeakMemory()
     torch.set_grad_enabled(False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     queries_all = benchdata.test_patches(args.images)          # (n, 784, 152), real test images
@@ -145,21 +167,27 @@ def main():
         patches = benchdata.lift(queries_all, d)
         q = patches.reshape(-1, d)
         for m in [parse_size(s) for s in args.sizes.split(",")]:
+            if m > benchdata.AUGMENTED and d != 152:
+                print(f"\n== bank {m:,} x {d} skipped: beyond {benchdata.AUGMENTED:,} rows only 152-d", flush=True)
+                continue
             bank = bank_for(m, d)
             rate = matmul_rate(len(q), m, d)
             flops = 2 * len(q) * m * d
             print(f"\n== bank {m} x {d}, {len(q)} queries; fp32 matmul {rate:.0f} GFLOP/s", flush=True)
             res = LoggedDict()
+            res.start()
             repeat = 3 if flops < 2e12 else 1
             t, (_, truth) = best_time(lambda: KnnSearcher(bank).search(q, K), repeat)
             res["faiss.knn (brute force, no index)"] = (0.0, t, 1.0, 4 * d)
             if "torch" in methods:
+                res.start()
                 bt, qt = torch.from_numpy(bank), torch.from_numpy(q)
                 t, (_, rows) = best_time(lambda: torch_knn(bt, qt, K), repeat)
                 res["torch brute force (anomalib)"] = (0.0, t, recall(rows.numpy(), truth), 4 * d)
                 del bt, qt
             for name, shards in (("flat", 1), ("flat4", 4)):
                 if name in methods:
+                    res.start()
                     t0 = time.perf_counter()
                     searcher = ShardedSearcher(build_flat_shards(bank, shards))
                     bt_ = time.perf_counter() - t0
@@ -168,6 +196,7 @@ def main():
                     del searcher
                     gc.collect()
             if "int8" in methods:
+                res.start()
                 t0 = time.perf_counter()
                 fast = Int8Searcher(bank, KnnSearcher(bank))
                 fast.prepare()  # built lazily on first search in the library; timed here as build
@@ -178,6 +207,7 @@ def main():
                 del fast
                 gc.collect()
             for layout in (args.layouts.split(",") if "ivf" in methods or "ivfpq" in methods else []):
+                res.start()
                 t0 = time.perf_counter()
                 index = PatchIndex.from_embeddings(bank, index="ivf", layout=layout,
                                                    recall_queries=benchdata.lift(held, d), support_sets=False)
@@ -193,9 +223,9 @@ def main():
             base_t = res.get("torch brute force (anomalib)", res["faiss.knn (brute force, no index)"])[1]
             flat_t = res.get("flat (IndexFlatL2), 1 shard", (0, base_t))[1]
             print(f"-- bank {m} x {d} done", flush=True)
-            for name, (build_s, t, rec, bpv) in res.items():
+            for name, (build_s, t, rec, bpv, peak) in res.items():
                 row = (f"| {m:,} x {d} | {name} | {build_s:.1f} | {len(q) / t:,.0f} | {base_t / t:.2f}x | "
-                       f"{flat_t / t:.2f}x | {rec:.4f} | {bpv:,.0f} | {flops / t / 1e9 / rate:.0%} |")
+                       f"{flat_t / t:.2f}x | {rec:.4f} | {bpv:,.0f} | {peak:.2f} | {flops / t / 1e9 / rate:.0%} |")
                 rows_out.append(row)
                 print(row, flush=True)
             if m <= 20_000:
@@ -217,8 +247,9 @@ def main():
                     print(row, flush=True)
             del bank
             gc.collect()
-    print("\n| bank | method | build s | patch queries/s | vs torch | vs flat | recall@9 | bytes/vector | of fp32 mm |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| bank | method | build s | patch queries/s | vs torch | vs flat | recall@9 | bytes/vector | "
+          "peak GiB | of fp32 mm |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows_out))
     if eq7_out:
         print("\nPatchCore query (k=9 for every patch + Eq. 7 image score):\n")

@@ -5,6 +5,9 @@
 * ``augmented_patches(n)``: more real 152-d patch embeddings, from flipped, rotated and
   colour-jittered copies of the training images (cached under ~/.cache/patchsearch-bench).
 * ``test_patches(n_images)``: patch embeddings of real bottle test images (queries).
+* ``jittered_patches(n)``: beyond the 1.6M augmented patches: those repeated, each
+  repeat with N(0, 0.05^2) jitter so that no two rows are equal (a 10M x 152 set).
+* ``PeakMemory``: samples the process's anonymous memory (RssAnon) in a thread.
 * ``lift(x, d)``: d = 152 returns x; otherwise relu(x @ W) with a fixed Gaussian W
   (152 x d): a stand-in for wide_resnet50_2's 1536-d embeddings, whose ImageNet weights
   cannot be downloaded here. It keeps the real neighbourhood structure of the patches
@@ -14,6 +17,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +83,72 @@ def augmented_patches(n: int) -> np.ndarray:
     x = np.concatenate(out)[:n]
     np.save(path, x)
     return x
+
+
+AUGMENTED = 1_600_000
+
+
+def jittered_chunks(n: int, chunk: int = 16 * 784):
+    """Yield float32 chunks of ``chunk`` rows (the last one shorter), n rows in all: row i
+    is real augmented patch i mod :data:`AUGMENTED`; repeats (i >= AUGMENTED) get seeded
+    N(0, 0.05^2) jitter so that no two rows are equal."""
+    data = augmented_patches(min(n, AUGMENTED))
+    rng = np.random.default_rng(0)
+    for s in range(0, n, chunk):
+        rows = np.arange(s, min(s + chunk, n))
+        out = np.asarray(data[rows % len(data)], dtype=np.float32)
+        repeat = rows >= len(data)
+        if repeat.any():
+            out[repeat] += rng.normal(0, 0.05, (int(repeat.sum()), out.shape[1])).astype(np.float32)
+        yield out
+
+
+def jittered_patches(n: int) -> np.ndarray:
+    """n x 152 real patches (see :func:`jittered_chunks`), as a cached memory-mapped .npy
+    file when n exceeds :data:`AUGMENTED`."""
+    if n <= AUGMENTED:
+        return augmented_patches(n)
+    path = CACHE / f"bottle_jitter_{n}.npy"
+    if not path.is_file():
+        out = np.lib.format.open_memmap(str(path) + ".tmp.npy", mode="w+", dtype=np.float32, shape=(n, 152))
+        at = 0
+        for c in jittered_chunks(n):
+            out[at:at + len(c)] = c
+            at += len(c)
+        out.flush()
+        del out
+        os.replace(str(path) + ".tmp.npy", path)
+    return np.load(path, mmap_mode="r")
+
+
+class PeakMemory:
+    """Peak anonymous memory (RssAnon: heap, not pages of memory-mapped files) of this
+    process, sampled every 50 ms in a daemon thread; ``reset()`` starts a new window."""
+
+    def __init__(self):
+        self.peak = self.now()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    @staticmethod
+    def now() -> float:
+        """RssAnon now, GiB (0 where /proc is missing)."""
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 2 ** 20
+        except OSError:
+            pass
+        return 0.0
+
+    def _run(self):
+        while True:
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.05)
+
+    def reset(self) -> float:
+        """Start a new window; returns the level it starts from, GiB."""
+        self.peak = self.now()
+        return self.peak
 
 
 def test_patches(n_images: int = 4) -> np.ndarray:
