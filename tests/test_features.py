@@ -80,3 +80,62 @@ def test_bad_backbone_layers_and_weights(tmp_path, resnet18_weights):
         PatchEmbedder("resnet18", weights=tmp_path / "junk.pth")
     with pytest.raises(WeightsUnavailableError, match="does not fit"):
         PatchEmbedder("efficientnet_lite0", weights=resnet18_weights)
+
+
+def _lite0_reference(pixels01: torch.Tensor) -> torch.Tensor:
+    """lite0 patch embeddings computed directly, the backbone fed (pixel - 127) / 128 as the
+    TensorFlow EfficientNet-Lite weights were trained (tensorflow/tpu efficientnet_lite_builder)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from patchsearch.features import load_backbone
+
+    model, layers, _ = load_backbone("efficientnet_lite0")
+    ext = create_feature_extractor(model, {layer: layer for layer in layers})
+    with torch.no_grad():
+        feats = ext((pixels01 * 255.0 - 127.0) / 128.0)
+    a = F.avg_pool2d(feats[layers[0]], 3, 1, 1)
+    b = F.interpolate(F.avg_pool2d(feats[layers[1]], 3, 1, 1), size=a.shape[-2:], mode="bilinear",
+                      align_corners=False)
+    return torch.cat([a, b], 1).permute(0, 2, 3, 1)
+
+
+def test_efficientnet_lite_is_fed_its_own_input_normalisation():
+    from patchsearch.data import IMAGENET_MEAN, IMAGENET_STD
+    from patchsearch.features import IMAGENET_NORM, LITE_NORM
+
+    torch.manual_seed(0)
+    pixels = torch.rand(2, 3, 64, 96)  # RGB in 0..1
+    imagenet = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    emb = PatchEmbedder()
+    assert emb.input_norm == LITE_NORM and emb.describe()["input_norm"] == LITE_NORM
+    expect = _lite0_reference(pixels)
+    torch.testing.assert_close(emb(imagenet), expect, rtol=1e-4, atol=1e-4)
+    # Indexes built before the normalisation was recorded keep ImageNet normalisation.
+    legacy = PatchEmbedder(input_norm=IMAGENET_NORM)
+    assert not torch.allclose(legacy(imagenet), expect, rtol=1e-2, atol=1e-2)
+
+
+def test_torchvision_backbones_keep_imagenet_normalisation(resnet18_weights):
+    from patchsearch.features import IMAGENET_NORM
+
+    emb = PatchEmbedder("resnet18", weights=resnet18_weights)
+    assert emb.input_norm == IMAGENET_NORM and emb.describe()["input_norm"] == IMAGENET_NORM
+    with pytest.raises(InputError, match="input_norm"):
+        PatchEmbedder("resnet18", weights=resnet18_weights, input_norm={"mean": [0.5] * 3, "std": [0.0] * 3})
+
+
+def test_index_embedder_follows_the_recorded_input_normalisation():
+    """A manifest written before ``input_norm`` was recorded was built on ImageNet-normalised
+    lite inputs: it is queried that way; a new manifest gets the lite normalisation."""
+    from types import SimpleNamespace
+
+    from patchsearch.features import IMAGENET_NORM, LITE_NORM
+    from patchsearch.query import embedder_for, embedder_key
+
+    new = PatchEmbedder().describe()
+    old = {k: v for k, v in new.items() if k != "input_norm"}
+    idx_new = SimpleNamespace(manifest=SimpleNamespace(backbone=new), dim=152)
+    idx_old = SimpleNamespace(manifest=SimpleNamespace(backbone=old), dim=152)
+    assert embedder_for(idx_new).input_norm == LITE_NORM
+    assert embedder_for(idx_old).input_norm == IMAGENET_NORM
+    assert embedder_key(idx_new) != embedder_key(idx_old)  # a service must not share their embedder
