@@ -18,14 +18,15 @@ Backbones:
   patchsearch, so the default backbone works offline).
 
 Input normalisation: frames arrive ImageNet-normalised (``geometry.frame_tensor``), and
-each backbone sees them normalised the way its weights were trained. torchvision
-weights: ImageNet mean/std, as they arrive. EfficientNet-Lite: these weights are
-converted from the TensorFlow checkpoints, trained on ``(pixel - 127) / 128``
-(``MEAN_RGB = 127``, ``STDDEV_RGB = 128`` in tensorflow/tpu
-``efficientnet/lite/efficientnet_lite_builder.py``), so :class:`PatchEmbedder` maps the
-ImageNet-normalised input onto that scale (a fixed per-channel affine map) before the
-backbone. Indexes built before this (their manifest records no ``input_norm``) are
-embedded as they were built: ImageNet normalisation.
+by default every backbone is fed them as they arrive (ImageNet mean/std). ``input_norm``
+(``patchsearch build --input-norm native``) feeds a backbone the normalisation its
+weights were trained with instead (:func:`native_norm`): for torchvision weights that is
+ImageNet's, nothing changes; the EfficientNet-Lite weights are converted from the
+TensorFlow checkpoints, trained on ``(pixel - 127) / 128`` (``MEAN_RGB = 127``,
+``STDDEV_RGB = 128`` in tensorflow/tpu ``efficientnet/lite/efficientnet_lite_builder.py``),
+so :class:`PatchEmbedder` maps the ImageNet-normalised input onto that scale (a fixed
+per-channel affine map) before the backbone. The manifest records the normalisation an
+index was built with; indexes whose manifest records none were built with ImageNet's.
 """
 
 from __future__ import annotations
@@ -50,9 +51,29 @@ IMAGENET_NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 LITE_NORM = {"mean": [127 / 255] * 3, "std": [128 / 255] * 3}  # (pixel - 127) / 128 on 0..255
 
 
+INPUT_NORMS = ("imagenet", "native")  # the choices of ``patchsearch build --input-norm``
+
+
 def native_norm(name: str) -> dict:
     """The input normalisation backbone ``name``'s default weights were trained with."""
     return LITE_NORM if name in _LITE_NAMES else IMAGENET_NORM
+
+
+def resolve_norm(choice, backbone: str = DEFAULT_BACKBONE) -> dict:
+    """The ``{"mean", "std"}`` a build feeds ``backbone`` with: ``"imagenet"`` (or None, the
+    default) ImageNet mean/std, ``"native"`` :func:`native_norm` of the backbone, or a
+    ``{"mean": [3], "std": [3]}`` dict as given.
+
+    Raises:
+        InputError: another choice, or a malformed dict.
+    """
+    if choice is None or choice == "imagenet":
+        return dict(IMAGENET_NORM)
+    if choice == "native":
+        return dict(native_norm(backbone))
+    if isinstance(choice, str):
+        raise InputError(f"--input-norm must be one of {', '.join(INPUT_NORMS)}, got {choice!r}")
+    return _check_norm(choice)
 
 
 def _check_norm(norm) -> dict:
@@ -186,9 +207,10 @@ class PatchEmbedder(torch.nn.Module):
         weights: optional state-dict file replacing the default ImageNet weights.
         embed_dim: optional output dimension (adaptive average pooling over channels).
         input_norm: ``{"mean": [3], "std": [3]}`` the backbone is fed with (pixels in 0..1);
-            default :func:`native_norm` of the backbone (EfficientNet-Lite: ``(pixel - 127) / 128``;
-            torchvision: ImageNet). :func:`patchsearch.query.embedder_for` passes what the
-            index's manifest records (ImageNet for indexes that record none).
+            default ImageNet's (:data:`IMAGENET_NORM`), for every backbone. :func:`native_norm`
+            gives the weights' own (EfficientNet-Lite: ``(pixel - 127) / 128``; torchvision:
+            ImageNet). :func:`patchsearch.query.embedder_for` passes what the index's manifest
+            records (ImageNet for indexes that record none).
 
     ``forward(images)`` takes float32 (B, 3, H, W) ImageNet-normalised images (as
     :meth:`~patchsearch.geometry.Geometry.frame_tensor` makes them), maps them onto
@@ -204,7 +226,7 @@ class PatchEmbedder(torch.nn.Module):
     def __init__(self, backbone: str = DEFAULT_BACKBONE, layers=None, weights=None, embed_dim: int | None = None,
                  input_norm: dict | None = None):
         super().__init__()
-        self.input_norm = _check_norm(native_norm(backbone) if input_norm is None else input_norm)
+        self.input_norm = _check_norm(IMAGENET_NORM if input_norm is None else input_norm)
         # x_backbone = (x_imagenet * std_in + mean_in - mean) / std = x_imagenet * scale + shift
         mean_in, std_in = torch.tensor(IMAGENET_NORM["mean"]), torch.tensor(IMAGENET_NORM["std"])
         mean, std = torch.tensor(self.input_norm["mean"]), torch.tensor(self.input_norm["std"])
