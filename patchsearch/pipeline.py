@@ -44,10 +44,11 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: str | None = None,
           data_root: str | os.PathLike | None = None, backbone: str | None = None,
           layers: Sequence[str] | None = None, weights: str | None = None, embed_dim: int | None = None,
-          geometry=None, resize: int = 256, crop: int | None = None, tile: int | None = None,
-          tile_overlap: int | None = None, bit_depth: int | None = None, coreset_ratio: float = 0.1,
-          seed: int = 0, shards: int = 1, index: str = "flat", index_params: dict | None = None,
-          calibration_images: Sequence[Path] | None = None, calibration_fraction: float = CALIBRATION_FRACTION,
+          input_norm: str | dict = "imagenet", geometry=None, resize: int = 256, crop: int | None = None,
+          tile: int | None = None, tile_overlap: int | None = None, bit_depth: int | None = None,
+          coreset_ratio: float = 0.1, seed: int = 0, shards: int = 1, index: str = "flat",
+          index_params: dict | None = None, calibration_images: Sequence[Path] | None = None,
+          calibration_fraction: float = CALIBRATION_FRACTION,
           target_fpr: float | None = None, margin: float | None = None, min_region_area: int = 0,
           batch_size: int = 16, workers: int = 0, ray_address: str | None = None, ray_options: dict | None = None,
           progress: bool = False, log: Log = lambda msg: None) -> PatchIndex:
@@ -69,6 +70,12 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
         out_dir: the index directory (``<index-dir>/<category>``).
         data_root: image paths are recorded relative to it (default: their common folder).
         backbone, layers, weights, embed_dim: see :class:`~patchsearch.features.PatchEmbedder`.
+        input_norm: the normalisation the backbone is fed with (``--input-norm``): ``"imagenet"``
+            (default: ImageNet mean/std, for every backbone), ``"native"`` (the one its weights
+            were trained with, :func:`~patchsearch.features.native_norm`: ``(pixel - 127) / 128``
+            for EfficientNet-Lite, ImageNet's for torchvision weights), or a ``{"mean", "std"}``
+            dict (:func:`~patchsearch.features.resolve_norm`). Recorded in the manifest
+            (``backbone.input_norm``); query, evaluate, add and serve embed with it.
         geometry: a :class:`~patchsearch.geometry.Geometry`; default chosen from the training
             frames by :func:`~patchsearch.geometry.choose_geometry` (resize, crop, tile, tile_overlap).
         bit_depth: camera bit depth for frames of more than 8 bits (:func:`~patchsearch.data.load_image`).
@@ -97,7 +104,7 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
         patchsearch.distributed.DistributedError: Ray missing, or a Ray worker died past its retries.
     """
     from .data import frame_size
-    from .features import DEFAULT_BACKBONE, PatchEmbedder
+    from .features import DEFAULT_BACKBONE, PatchEmbedder, resolve_norm
     from .geometry import TILE_OVERLAP, choose_geometry
 
     image_paths = [Path(p) for p in image_paths]
@@ -113,7 +120,8 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
     root = Path(data_root) if data_root is not None else Path(os.path.commonpath([p.parent for p in image_paths]))
     timings = {}
     t0 = time.perf_counter()
-    embedder = PatchEmbedder(backbone or DEFAULT_BACKBONE, layers, weights, embed_dim)
+    norm = resolve_norm(input_norm, backbone or DEFAULT_BACKBONE)
+    embedder = PatchEmbedder(backbone or DEFAULT_BACKBONE, layers, weights, embed_dim, input_norm=norm)
     timings["load_backbone"] = time.perf_counter() - t0
     with new_version(out_dir) as tmp:
         t0 = time.perf_counter()
@@ -123,8 +131,8 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
 
             num_images, num_patches, grid = embed_store(
                 ray_address, tmp, train, root, geometry, embedder.dim, dict(backbone=backbone or DEFAULT_BACKBONE,
-                layers=layers, weights=weights, embed_dim=embed_dim), batch_size, bit_depth, log=log,
-                **(ray_options or {}))
+                layers=layers, weights=weights, embed_dim=embed_dim, input_norm=norm), batch_size, bit_depth,
+                log=log, **(ray_options or {}))
         else:
             with PatchStoreWriter(tmp, embedder.dim) as writer:
                 grid = embed_frames(writer, train, embedder, geometry, root, batch_size, workers, bit_depth, progress)

@@ -22,14 +22,24 @@ from .score import SIGMA, anomaly_maps
 
 def embedder_key(index: PatchIndex) -> tuple | None:
     """What identifies the embedder ``index`` needs: (backbone name, layers, weights source,
-    weights SHA-256, reduced dimension or None); None for an index without a backbone.
-    Indexes with equal keys can share one embedder (and one backbone batch)."""
+    weights SHA-256, reduced dimension or None, input normalisation); None for an index
+    without a backbone. Indexes with equal keys can share one embedder (and one backbone batch)."""
     bb = index.manifest.backbone
     if not bb:
         return None
     weights = bb.get("weights") or {}
+    norm = input_norm_of(bb)
     return (bb["name"], tuple(bb["layers"]), weights.get("source"), weights.get("sha256"),
-            bb["embed_dim"] if bb.get("reduced") else None)
+            bb["embed_dim"] if bb.get("reduced") else None, tuple(norm["mean"]), tuple(norm["std"]))
+
+
+def input_norm_of(backbone: dict) -> dict:
+    """The input normalisation a manifest's ``backbone`` record was built with: its
+    ``input_norm``, or ImageNet's for indexes built before it was recorded (which fed
+    every backbone ImageNet-normalised frames)."""
+    from .features import IMAGENET_NORM
+
+    return backbone.get("input_norm") or IMAGENET_NORM
 
 
 def embedder_for(index: PatchIndex, weights: str | None = None, cache: dict | None = None):
@@ -61,7 +71,8 @@ def embedder_for(index: PatchIndex, weights: str | None = None, cache: dict | No
     key = embedder_key(index)
     emb = cache.get(key) if cache is not None else None
     if emb is None:
-        emb = PatchEmbedder(bb["name"], bb["layers"], weights, bb["embed_dim"] if bb.get("reduced") else None)
+        emb = PatchEmbedder(bb["name"], bb["layers"], weights, bb["embed_dim"] if bb.get("reduced") else None,
+                            input_norm_of(bb))
     if emb.dim != index.dim:
         raise IndexFormatError(f"backbone {bb['name']} gives {emb.dim}-d embeddings, index holds {index.dim}-d")
     if recorded.get("sha256") and emb.weights_id.get("sha256") and recorded["sha256"] != emb.weights_id["sha256"]:

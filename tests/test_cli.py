@@ -168,3 +168,65 @@ def test_build_ray_without_ray_installed_is_one_line(monkeypatch, tmp_path, mvte
                                   str(tmp_path), *SMALL, "--ray"])
     assert r.exit_code == 1 and "Ray is not installed: pip install 'patchsearch[ray]'" in r.output, r.output
     assert not (tmp_path / "widget" / "CURRENT").exists()
+
+
+@pytest.mark.parametrize("choice", ["native", "imagenet"])
+def test_build_input_norm_is_recorded_and_used_by_query(tmp_path, mvtec_root, choice):
+    """``--input-norm native`` embeds the store with the lite weights' own normalisation,
+    records it, and ``query`` embeds with it; ``imagenet`` (the default) does neither."""
+    from patchsearch.data import load_image
+    from patchsearch.features import IMAGENET_NORM, LITE_NORM, PatchEmbedder
+    from patchsearch.query import geometry_of, query
+
+    idx = tmp_path / "indexes"
+    r = _run("build", "--category", "widget", "--data-root", mvtec_root, "--index-dir", idx, *SMALL,
+             "--input-norm", choice)
+    assert r.exit_code == 0, r.output
+    used, other = (LITE_NORM, IMAGENET_NORM) if choice == "native" else (IMAGENET_NORM, LITE_NORM)
+    man = json.loads((idx / "widget/v000001/manifest.json").read_text())
+    assert man["backbone"]["input_norm"] == used
+    embedders = {"used": PatchEmbedder(input_norm=used), "other": PatchEmbedder(input_norm=other)}
+    index = PatchIndex.load(idx / "widget")
+    geometry = geometry_of(index)
+    # the store holds embeddings of the recorded normalisation
+    store = PatchStore(idx / "widget/v000001")
+    first = geometry.frame_tensor(load_image(mvtec_root / "widget" / store.image_paths()[0]))
+    rows = store.embeddings(list(range(64)))
+    np.testing.assert_allclose(rows, embedders["used"](first).numpy().reshape(64, -1), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(rows, embedders["other"](first).numpy().reshape(64, -1), rtol=1e-2, atol=1e-2)
+    # query embeds with the recorded normalisation
+    bad = mvtec_root / "widget/test/blob/000.png"
+    r = _run("query", bad, "--category", "widget", "--index-dir", idx)
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    frame = geometry.frame_tensor(load_image(bad))
+    scores = {}
+    for name, emb in embedders.items():
+        index = PatchIndex.load(idx / "widget")
+        index._embedder = emb  # what query would score with this embedder
+        scores[name] = query(index, frame, maps=False).image_scores[0]
+    assert got["image_score"] == pytest.approx(scores["used"], rel=1e-5)
+    assert got["image_score"] != pytest.approx(scores["other"], rel=1e-2)
+
+
+def test_old_manifest_without_input_norm_queries_with_imagenet(tmp_path, mvtec_root):
+    """Indexes built before ``input_norm`` was recorded were built on ImageNet-normalised
+    input: with the record removed from the manifest, query scores stay those of ImageNet."""
+    from patchsearch.features import IMAGENET_NORM
+    from patchsearch.query import embedder_for
+
+    idx = tmp_path / "indexes"
+    assert _run("build", "--category", "widget", "--data-root", mvtec_root, "--index-dir", idx,
+                *SMALL).exit_code == 0
+    bad = mvtec_root / "widget/test/blob/000.png"
+    before = json.loads(_run("query", bad, "--category", "widget", "--index-dir", idx).stdout.strip().splitlines()[-1])
+    path = idx / "widget/v000001/manifest.json"
+    man = json.loads(path.read_text())
+    assert man["backbone"].pop("input_norm") == IMAGENET_NORM
+    path.write_text(json.dumps(man))
+    index = PatchIndex.load(idx / "widget")
+    assert "input_norm" not in index.manifest.backbone and embedder_for(index).input_norm == IMAGENET_NORM
+    r = _run("query", bad, "--category", "widget", "--index-dir", idx)
+    assert r.exit_code == 0, r.output
+    after = json.loads(r.stdout.strip().splitlines()[-1])
+    assert after["image_score"] == pytest.approx(before["image_score"], rel=1e-6)

@@ -80,3 +80,87 @@ def test_bad_backbone_layers_and_weights(tmp_path, resnet18_weights):
         PatchEmbedder("resnet18", weights=tmp_path / "junk.pth")
     with pytest.raises(WeightsUnavailableError, match="does not fit"):
         PatchEmbedder("efficientnet_lite0", weights=resnet18_weights)
+
+
+def _lite0_reference(backbone_input: torch.Tensor) -> torch.Tensor:
+    """lite0 patch embeddings computed directly from the tensor the backbone is fed."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from patchsearch.features import load_backbone
+
+    model, layers, _ = load_backbone("efficientnet_lite0")
+    ext = create_feature_extractor(model, {layer: layer for layer in layers})
+    with torch.no_grad():
+        feats = ext(backbone_input)
+    a = F.avg_pool2d(feats[layers[0]], 3, 1, 1)
+    b = F.interpolate(F.avg_pool2d(feats[layers[1]], 3, 1, 1), size=a.shape[-2:], mode="bilinear",
+                      align_corners=False)
+    return torch.cat([a, b], 1).permute(0, 2, 3, 1)
+
+
+def test_default_input_is_imagenet_and_native_feeds_lite_its_own_normalisation():
+    """Default: every backbone is fed the ImageNet-normalised frames as they arrive (as on
+    main). ``native`` feeds EfficientNet-Lite ``(pixel - 127) / 128``, as its TensorFlow
+    weights were trained (tensorflow/tpu efficientnet_lite_builder)."""
+    from patchsearch.data import IMAGENET_MEAN, IMAGENET_STD
+    from patchsearch.features import IMAGENET_NORM, LITE_NORM, native_norm
+
+    torch.manual_seed(0)
+    pixels = torch.rand(2, 3, 64, 96)  # RGB in 0..1
+    imagenet = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    default = PatchEmbedder()
+    assert default.input_norm == IMAGENET_NORM and default.describe()["input_norm"] == IMAGENET_NORM
+    out = default(imagenet)
+    torch.testing.assert_close(out, PatchEmbedder(input_norm=IMAGENET_NORM)(imagenet), rtol=0, atol=0)
+    torch.testing.assert_close(out, _lite0_reference(imagenet), rtol=1e-4, atol=1e-4)  # fed as it arrives
+
+    assert native_norm("efficientnet_lite0") == LITE_NORM
+    native = PatchEmbedder(input_norm=native_norm("efficientnet_lite0"))
+    assert native.describe()["input_norm"] == LITE_NORM
+    expect = _lite0_reference((pixels * 255.0 - 127.0) / 128.0)
+    torch.testing.assert_close(native(imagenet), expect, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out, expect, rtol=1e-2, atol=1e-2)  # the two normalisations differ
+
+
+def test_resolve_norm_choices(resnet18_weights):
+    from patchsearch.features import IMAGENET_NORM, LITE_NORM, resolve_norm
+
+    assert resolve_norm(None) == resolve_norm("imagenet") == IMAGENET_NORM
+    assert resolve_norm("imagenet", "efficientnet_lite2") == IMAGENET_NORM
+    assert resolve_norm("native", "efficientnet_lite1") == LITE_NORM
+    assert resolve_norm("native", "resnet18") == IMAGENET_NORM  # torchvision weights: ImageNet's own
+    assert resolve_norm({"mean": [0.5] * 3, "std": [0.25] * 3}) == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    with pytest.raises(InputError, match="input-norm"):
+        resolve_norm("tf")
+
+
+def test_torchvision_backbones_keep_imagenet_normalisation(resnet18_weights):
+    from patchsearch.features import IMAGENET_NORM, native_norm
+
+    emb = PatchEmbedder("resnet18", weights=resnet18_weights)
+    assert emb.input_norm == IMAGENET_NORM and emb.describe()["input_norm"] == IMAGENET_NORM
+    assert native_norm("resnet18") == IMAGENET_NORM
+    with pytest.raises(InputError, match="input_norm"):
+        PatchEmbedder("resnet18", weights=resnet18_weights, input_norm={"mean": [0.5] * 3, "std": [0.0] * 3})
+
+
+def test_index_embedder_follows_the_recorded_input_normalisation():
+    """The embedder of an index is fed what its manifest records; a manifest written before
+    ``input_norm`` was recorded was built on ImageNet-normalised input and is queried that way."""
+    from types import SimpleNamespace
+
+    from patchsearch.features import IMAGENET_NORM, LITE_NORM
+    from patchsearch.query import embedder_for, embedder_key
+
+    def index(backbone):
+        return SimpleNamespace(manifest=SimpleNamespace(backbone=backbone), dim=152)
+
+    default = PatchEmbedder().describe()
+    native = PatchEmbedder(input_norm=LITE_NORM).describe()
+    old = {k: v for k, v in default.items() if k != "input_norm"}
+    idx_default, idx_native, idx_old = index(default), index(native), index(old)
+    assert embedder_for(idx_default).input_norm == IMAGENET_NORM
+    assert embedder_for(idx_native).input_norm == LITE_NORM
+    assert embedder_for(idx_old).input_norm == IMAGENET_NORM
+    assert embedder_key(idx_old) == embedder_key(idx_default)  # the same embedder: a service may share it
+    assert embedder_key(idx_native) != embedder_key(idx_old)  # a service must not share their embedder

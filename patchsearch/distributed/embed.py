@@ -39,7 +39,7 @@ class EmbedWorker:
 
     Args:
         spec: :class:`~patchsearch.features.PatchEmbedder` keyword arguments
-            (backbone, layers, weights, embed_dim).
+            (backbone, layers, weights, embed_dim, input_norm).
         device: torch device of the backbone (``cuda`` where the actor holds a GPU).
         threads: torch intra-op threads (the actor's CPUs).
     """
@@ -102,7 +102,7 @@ def embed_store(address: str | None, directory: str | os.PathLike, paths: Sequen
             filesystem every node mounts.
         paths, root, geometry, batch_size, bit_depth: as :func:`patchsearch.pipeline.build`.
         dim: embedding dimension d (checked against every partition).
-        spec: PatchEmbedder keyword arguments (backbone, layers, weights, embed_dim).
+        spec: PatchEmbedder keyword arguments (backbone, layers, weights, embed_dim, input_norm).
         num_workers: actors (default: one per GPU of the cluster, else one per ``cpus_per_worker``
             CPUs), at most one per chunk.
         cpus_per_worker: CPUs each actor reserves and torch threads it runs. Embeddings are
