@@ -219,15 +219,26 @@ class IVFPQSearcher:
         return rerank(queries, self.bank, cand, k)
 
 
-def recall_at_k(searcher, bank: np.ndarray, queries: np.ndarray, self_excluded: bool) -> float:
+def exact_neighbours(bank: np.ndarray, queries: np.ndarray, self_excluded: bool) -> np.ndarray:
+    """int64 (n, k) rows of the exact k = 9 nearest bank rows of each query (``faiss.knn``,
+    squared L2); with ``self_excluded`` the queries are bank rows and their own row
+    (distance 0) is left out."""
+    k = min(RECALL_K, len(bank) - int(self_excluded))
+    extra = int(self_excluded)
+    return KnnSearcher(bank).search(queries, k + extra)[1][:, extra:]
+
+
+def recall_at_k(searcher, bank: np.ndarray, queries: np.ndarray, self_excluded: bool,
+                truth: np.ndarray | None = None) -> float:
     """Fraction of the exact k = 9 nearest bank rows (``faiss.knn``) that ``searcher`` finds.
 
     With ``self_excluded`` the queries are bank rows and their own row (distance 0) is
-    left out on both sides.
+    left out on both sides. ``truth``: :func:`exact_neighbours` of the same queries, when
+    already computed (tuning measures many nprobe values against one exact search).
     """
-    k = min(RECALL_K, len(bank) - int(self_excluded))
-    extra = int(self_excluded)
-    truth = KnnSearcher(bank).search(queries, k + extra)[1][:, extra:]
+    if truth is None:
+        truth = exact_neighbours(bank, queries, self_excluded)
+    k, extra = truth.shape[1], int(self_excluded)
     got = searcher.search(queries, k + extra)[1][:, extra:]
     hits = sum(len(np.intersect1d(t, g)) for t, g in zip(truth, got))
     return hits / (len(queries) * k)
@@ -257,10 +268,11 @@ def tune_nprobe(searcher: IVFPQSearcher, queries: np.ndarray | None, target: flo
         queries = bank[np.sort(pick)]
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     nlist = searcher.params["nlist"]
+    truth = exact_neighbours(bank, queries, self_excluded)  # once, not once per nprobe tried
 
     def recall_at(nprobe: int) -> float:
         searcher.set_nprobe(nprobe)
-        return recall_at_k(searcher, bank, queries, self_excluded)
+        return recall_at_k(searcher, bank, queries, self_excluded, truth)
 
     if tune:
         hi = max(1, nlist // 16) if self_excluded else 1
@@ -271,7 +283,7 @@ def tune_nprobe(searcher: IVFPQSearcher, queries: np.ndarray | None, target: flo
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if recall_at(mid) >= target else (mid, hi)
         searcher.set_nprobe(hi)
-    r = recall_at_k(searcher, bank, queries, self_excluded)
+    r = recall_at_k(searcher, bank, queries, self_excluded, truth)
     searcher.params.update({"recall_at_9": round(r, 5), "recall_queries": len(queries),
                             "recall_queries_kind": "bank rows (self excluded)" if self_excluded else "held-aside"})
     return dict(searcher.params)

@@ -70,6 +70,21 @@ def test_ivfpq_recall_and_exact_reranked_distances():
     np.testing.assert_allclose(dist, direct, rtol=1e-4, atol=1e-4)
 
 
+def test_nprobe_tuning_searches_the_bank_exactly_once(monkeypatch):
+    """Tuning tries several nprobe values against one exact search of the held-aside
+    patches (it was one per value tried: minutes at 10M rows)."""
+    from patchsearch import ivf
+
+    calls = []
+    exact = ivf.KnnSearcher.search
+    monkeypatch.setattr(ivf.KnnSearcher, "search", lambda self, q, k: calls.append(len(q)) or exact(self, q, k))
+    bank = _clustered()
+    held = _clustered(m=300, seed=1)
+    tuned = PatchIndex.from_embeddings(bank, index="ivf", nlist=64, rerank=0, target_recall=0.99,
+                                       support_sets=False, layout="pq", recall_queries=held)
+    assert tuned.params["nprobe"] > 2 and calls == [300]  # several values tried, one exact search
+
+
 def test_nprobe_tuning_and_override():
     bank = _clustered()
     low = PatchIndex.from_embeddings(bank, index="ivfpq", nlist=64, nprobe=1, rerank=0, support_sets=False,
