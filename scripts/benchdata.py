@@ -123,9 +123,11 @@ def jittered_patches(n: int) -> np.ndarray:
 
 class PeakMemory:
     """Peak anonymous memory (RssAnon: heap, not pages of memory-mapped files) of this
-    process, sampled every 50 ms in a daemon thread; ``reset()`` starts a new window."""
+    process, sampled every 50 ms in a daemon thread; ``reset()`` starts a new window. A
+    lock keeps a sample taken before a reset from landing in the new window."""
 
     def __init__(self):
+        self._lock = threading.Lock()
         self.peak = self.now()
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -142,13 +144,15 @@ class PeakMemory:
 
     def _run(self):
         while True:
-            self.peak = max(self.peak, self.now())
+            with self._lock:
+                self.peak = max(self.peak, self.now())
             time.sleep(0.05)
 
     def reset(self) -> float:
         """Start a new window; returns the level it starts from, GiB."""
-        self.peak = self.now()
-        return self.peak
+        with self._lock:
+            self.peak = self.now()
+            return self.peak
 
 
 def test_patches(n_images: int = 4) -> np.ndarray:
