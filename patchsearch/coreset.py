@@ -94,7 +94,8 @@ def _kmeans(points: np.ndarray, k: int, seed: int):
 
     if k <= 1:
         return np.zeros(len(points), dtype=np.int64), points.mean(0, dtype=np.float64)[None].astype(np.float32)
-    km = faiss.Kmeans(points.shape[1], k, niter=8, seed=seed, max_points_per_centroid=64, verbose=False)
+    km = faiss.Kmeans(points.shape[1], k, niter=8, seed=seed, max_points_per_centroid=64, min_points_per_centroid=1,
+                      verbose=False)  # cells: ~16 block centroids each, below FAISS's warning level of 39
     km.train(points)
     return km.index.search(points, 1)[1][:, 0], km.centroids
 
