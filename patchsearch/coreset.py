@@ -116,7 +116,7 @@ def _block_assignment(points: np.ndarray, num_blocks: int, seed: int):
     sizes = np.bincount(coarse)
     del coarse
     assign = np.empty(n, dtype=np.int64)
-    centroids, at = [], 0
+    centroids, at, offset = [], 0, 0
     for size in sizes:
         rows = order[at:at + size]
         at += size
@@ -124,7 +124,8 @@ def _block_assignment(points: np.ndarray, num_blocks: int, seed: int):
             continue
         k = max(1, min(int(round(size * num_blocks / n)), size // 8 or 1))
         local, cents = _kmeans(points[rows], k, seed)
-        assign[rows] = sum(len(c) for c in centroids) + local
+        assign[rows] = offset + local
+        offset += len(cents)
         centroids.append(cents)
     return assign, np.concatenate(centroids)
 
