@@ -110,13 +110,17 @@ def main(debug):
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="state-dict file instead of the default ImageNet weights")
 @click.option("--embed-dim", type=click.IntRange(min=1), default=None, help="reduce embeddings to this dimension")
-@click.option("--input-norm", type=click.Choice(["imagenet", "native"]), default="imagenet", show_default=True,
-              help="backbone input normalisation: ImageNet mean/std, or the weights' own "
-                   "(EfficientNet-Lite: (pixel - 127) / 128; torchvision: ImageNet); recorded in the manifest")
+@click.option("--input-norm", type=click.Choice(["auto", "imagenet", "native"]), default="auto", show_default=True,
+              help="backbone input normalisation: the weights' own (native; EfficientNet-Lite: (pixel - 127) / 128, "
+                   "torchvision: ImageNet), ImageNet mean/std, or auto: ImageNet with --crop (the paper protocol), "
+                   "else native; recorded in the manifest")
 @click.option("--resize", type=click.IntRange(min=1), default=256, show_default=True,
               help="shorter side of the backbone input, pixels (the whole frame, aspect from the training frames)")
 @click.option("--crop", type=click.IntRange(min=1), default=None,
               help="the paper's protocol instead: resize, then centre-crop CROP x CROP (borders unseen)")
+@click.option("--orient", type=click.Choice(["auto", "fixed"]), default="auto", show_default=True,
+              help="auto: frames whose longer side lies across the input's are turned 90 degrees first "
+                   "(their maps turned back); fixed: never turned")
 @click.option("--tile", type=click.IntRange(min=16), default=None,
               help="cut the resized frame into TILE x TILE tiles, embedded separately and stitched back")
 @click.option("--tile-overlap", type=click.IntRange(min=0), default=None, help="tile overlap, pixels [32]")
@@ -142,7 +146,7 @@ def main(debug):
 @click.option("--ray-workers", type=click.IntRange(min=1), default=None,
               help="Ray embedding actors [one per GPU, else one per CPU of the cluster]")
 @_friendly
-def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, input_norm, resize, crop, tile,
+def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, input_norm, resize, crop, orient, tile,
           tile_overlap, bit_depth, calibration_fraction, target_fpr, margin, min_region_area, coreset_ratio, seed, shards,
           index_type, layout, nlist, pq_m, pq_bits, nprobe, rerank, batch_size, workers, ray_address, ray_workers):
     """Build the memory-bank index of CATEGORY from its train/good images, and calibrate it."""
@@ -153,7 +157,8 @@ def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, 
     paths = train_images(root, category)
     index = run_build(paths, index_dir / category, category=category, data_root=root / category, backbone=backbone,
                       layers=layers.split(",") if layers else None, weights=weights, embed_dim=embed_dim,
-                      input_norm=input_norm, resize=resize, crop=crop, tile=tile, tile_overlap=tile_overlap,
+                      input_norm=input_norm, resize=resize, crop=crop, orient=orient, tile=tile,
+                      tile_overlap=tile_overlap,
                       bit_depth=int(bit_depth) if bit_depth else None,
                       calibration_images=validation_images(root, category), calibration_fraction=calibration_fraction,
                       target_fpr=target_fpr, margin=margin, min_region_area=min_region_area,

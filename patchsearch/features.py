@@ -18,10 +18,11 @@ Backbones:
   patchsearch, so the default backbone works offline).
 
 Input normalisation: frames arrive ImageNet-normalised (``geometry.frame_tensor``), and
-by default every backbone is fed them as they arrive (ImageNet mean/std). ``input_norm``
-(``patchsearch build --input-norm native``) feeds a backbone the normalisation its
-weights were trained with instead (:func:`native_norm`): for torchvision weights that is
-ImageNet's, nothing changes; the EfficientNet-Lite weights are converted from the
+a :class:`PatchEmbedder` made without ``input_norm`` feeds them to the backbone as they
+arrive (ImageNet mean/std). ``input_norm`` = :func:`native_norm` (what ``patchsearch
+build`` uses for the whole frame, ``--input-norm auto``; :func:`resolve_norm`) feeds a
+backbone the normalisation its weights were trained with instead: for torchvision
+weights that is ImageNet's, nothing changes; the EfficientNet-Lite weights are converted from the
 TensorFlow checkpoints, trained on ``(pixel - 127) / 128`` (``MEAN_RGB = 127``,
 ``STDDEV_RGB = 128`` in tensorflow/tpu ``efficientnet/lite/efficientnet_lite_builder.py``),
 so :class:`PatchEmbedder` maps the ImageNet-normalised input onto that scale (a fixed
@@ -51,7 +52,7 @@ IMAGENET_NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 LITE_NORM = {"mean": [127 / 255] * 3, "std": [128 / 255] * 3}  # (pixel - 127) / 128 on 0..255
 
 
-INPUT_NORMS = ("imagenet", "native")  # the choices of ``patchsearch build --input-norm``
+INPUT_NORMS = ("auto", "imagenet", "native")  # the choices of ``patchsearch build --input-norm``
 
 
 def native_norm(name: str) -> dict:
@@ -59,14 +60,18 @@ def native_norm(name: str) -> dict:
     return LITE_NORM if name in _LITE_NAMES else IMAGENET_NORM
 
 
-def resolve_norm(choice, backbone: str = DEFAULT_BACKBONE) -> dict:
-    """The ``{"mean", "std"}`` a build feeds ``backbone`` with: ``"imagenet"`` (or None, the
-    default) ImageNet mean/std, ``"native"`` :func:`native_norm` of the backbone, or a
-    ``{"mean": [3], "std": [3]}`` dict as given.
+def resolve_norm(choice, backbone: str = DEFAULT_BACKBONE, mode: str = "frame") -> dict:
+    """The ``{"mean", "std"}`` a build feeds ``backbone`` with: ``"imagenet"`` (or None)
+    ImageNet mean/std, ``"native"`` :func:`native_norm` of the backbone, ``"auto"`` (the
+    build default) ImageNet's in crop ``mode`` (the paper protocol, as PatchCore and
+    anomalib preprocess) and the native one in frame mode, or a ``{"mean": [3], "std": [3]}``
+    dict as given.
 
     Raises:
         InputError: another choice, or a malformed dict.
     """
+    if choice == "auto":
+        choice = "imagenet" if mode == "crop" else "native"
     if choice is None or choice == "imagenet":
         return dict(IMAGENET_NORM)
     if choice == "native":

@@ -7,7 +7,11 @@ Two modes, chosen once per category at build (:func:`choose_geometry`):
   whose aspect ratio is the median of the training frames', both sides multiples of
   ``stride``. Nothing is cut off. Optionally the input is cut into ``tile`` x ``tile``
   tiles overlapping by at least ``tile_overlap`` pixels, embedded separately and
-  stitched back (:meth:`Geometry.stitch`).
+  stitched back (:meth:`Geometry.stitch`). With ``orient="auto"`` (the default of
+  :func:`choose_geometry`) a frame whose longer side lies across the input's longer side
+  (a landscape frame for a portrait input, or the reverse) is first turned 90 degrees
+  counter-clockwise, so that it is squashed less; its map is turned back
+  (:meth:`Geometry.turned`). Square frames and square inputs are never turned.
 * ``"crop"``: the paper protocol (PatchCore: resize the shorter side to ``resize``,
   centre-crop ``crop`` x ``crop``), for MVTec AD comparisons. Borders are not seen.
 
@@ -20,6 +24,9 @@ Coordinate conventions (all in pixels; a point (x, y) is continuous, pixel i spa
   Frame mode: the original frame, (h, w) - map pixel (x, y) is frame pixel (x, y).
   Crop mode: the crop, (crop, crop) - map pixel (x, y) is frame pixel
   ``crop_box[:2] + (x, y) * scale``; use :meth:`Geometry.map_to_frame_xy`.
+* a turned frame (w, h) is the input resized from the frame turned counter-clockwise,
+  which is h wide and w high: turned pixel (x', y') is frame pixel (w - y', x');
+  :meth:`Geometry.input_to_frame_xy` maps input pixels onto the frame, turning included.
 
 Errors are :class:`patchsearch.errors.InputError`. torch is imported only inside functions.
 """
@@ -37,6 +44,7 @@ from .errors import InputError
 STRIDE = 16
 TILE_OVERLAP = 32
 MODES = ("frame", "crop")
+ORIENTS = ("auto", "fixed")  # the choices of ``patchsearch build --orient``
 
 
 def _check(ok: bool, message: str) -> None:
@@ -88,6 +96,8 @@ class Geometry:
         tile: side of the square tiles in input pixels, or None (no tiling; frame mode only).
         tile_overlap: minimum overlap of neighbouring tiles, pixels.
         stride: frame-mode input sizes and tile sizes / starts are multiples of it.
+        orient: ``"fixed"`` (frames are never turned; manifests without the key) or
+            ``"auto"`` (frame mode only: :meth:`turned` frames are turned 90 degrees first).
 
     Raises InputError on inconsistent or non-positive values (the message names them).
     """
@@ -99,9 +109,13 @@ class Geometry:
     tile: int | None = None
     tile_overlap: int = TILE_OVERLAP
     stride: int = STRIDE
+    orient: str = "fixed"
 
     def __post_init__(self):
         _check(self.mode in MODES, f"geometry mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _check(self.orient in ORIENTS, f"--orient must be one of {', '.join(ORIENTS)}, got {self.orient!r}")
+        _check(self.mode == "frame" or self.orient == "fixed",
+               "crop mode (the paper protocol) never turns frames: orient must be 'fixed'")
         stride, resize = _whole("stride", self.stride), _whole("--resize", self.resize)
         if self.mode == "crop":
             crop = _whole("--crop", self.crop)
@@ -160,6 +174,14 @@ class Geometry:
         cols = _tile_starts(W, t, self.tile_overlap, self.stride)
         return [(r, c, r + t, c + t) for r in rows for c in cols]
 
+    def turned(self, frame_size) -> bool:
+        """Whether a frame of ``frame_size`` (width, height) is turned 90 degrees
+        counter-clockwise before it is resized: ``orient="auto"``, neither the frame nor the
+        input square, and the frame's longer side across the input's longer side."""
+        w, h = _frame_size(frame_size)
+        H, W = self.input_size
+        return self.orient == "auto" and H != W and w != h and (w > h) != (W > H)
+
     def _fit(self, t, interpolation):
         """uint8 (C, h, w) frame tensor -> (C, H, W) input: resize (+ centre crop in crop mode)."""
         from torchvision.transforms import v2
@@ -173,7 +195,8 @@ class Geometry:
         """RGB PIL image -> ImageNet-normalised float32 tensor (T, 3, th, tw), one row per tile.
 
         T = 1 and (th, tw) = ``input_size`` without tiling, else (tile, tile) in
-        :meth:`tile_boxes` order. Crop mode equals the former ``data.Geometry.image_tensor``.
+        :meth:`tile_boxes` order. A :meth:`turned` frame is turned before it is resized.
+        Crop mode equals the former ``data.Geometry.image_tensor``.
         """
         import torch
         from torchvision.transforms import v2
@@ -182,7 +205,10 @@ class Geometry:
 
         if img.mode != "RGB":
             img = img.convert("RGB")
-        t = self._fit(v2.functional.pil_to_tensor(img), v2.InterpolationMode.BILINEAR)
+        t = v2.functional.pil_to_tensor(img)
+        if self.turned(img.size):
+            t = torch.rot90(t, 1, dims=(1, 2))  # counter-clockwise, as PIL's ROTATE_90
+        t = self._fit(t, v2.InterpolationMode.BILINEAR)
         t = v2.functional.normalize(v2.functional.to_dtype(t, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
         return torch.stack([t[:, top:bottom, left:right] for top, left, bottom, right in self.tile_boxes()])
 
@@ -238,7 +264,8 @@ class Geometry:
 
         The grid is upsampled bilinearly to ``input_size`` and blurred there with a Gaussian
         of ``sigma`` input pixels (:func:`patchsearch.score.anomaly_maps`). Frame mode: then
-        resized bilinearly to the frame, (h, w) for ``frame_size`` (w, h). Crop mode:
+        resized bilinearly to the frame, (h, w) for ``frame_size`` (w, h) (a :meth:`turned`
+        frame's map to the turned frame, then turned back clockwise). Crop mode:
         returned as is, (crop, crop), covering only :meth:`crop_box` of the frame.
         Raises InputError: bad frame size, or a grid without the input's aspect (e.g. an
         unstitched tile grid: pass :meth:`stitch`'s output).
@@ -255,9 +282,13 @@ class Geometry:
         _check(abs(GH * W / H - GW) <= 1,
                f"score grid {GH}x{GW} does not have the aspect of the input {H}x{W} (stitch tile grids first)")
         maps = anomaly_maps(g.reshape(-1, GH, GW), (H, W), sigma)
-        if self.mode == "frame" and (h, w) != (H, W):
-            t = F.interpolate(torch.from_numpy(maps)[:, None], size=(h, w), mode="bilinear", align_corners=False)
+        turned = self.turned((w, h))
+        mh, mw = (w, h) if turned else (h, w)  # the turned frame is h wide and w high
+        if self.mode == "frame" and (mh, mw) != (H, W):
+            t = F.interpolate(torch.from_numpy(maps)[:, None], size=(mh, mw), mode="bilinear", align_corners=False)
             maps = t[:, 0].numpy()
+        if turned:
+            maps = np.ascontiguousarray(np.rot90(maps, -1, axes=(1, 2)))
         return maps[0] if g.ndim == 2 else maps
 
     def eval_mask(self, mask_img, frame_size) -> np.ndarray:
@@ -308,6 +339,20 @@ class Geometry:
         sx, sy = self.scale(frame_size)
         return left + np.asarray(x, dtype=np.float64) * sx, top + np.asarray(y, dtype=np.float64) * sy
 
+    def input_to_frame_xy(self, x, y, frame_size):
+        """Input-pixel coordinates (scalars or arrays, continuous; the whole input, not a tile)
+        -> frame-pixel (x, y) of a frame of ``frame_size`` (width, height): resized back, and
+        turned back for a :meth:`turned` frame (its x then follows the input's y)."""
+        w, h = _frame_size(frame_size)
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if self.mode == "crop":  # map pixels are crop (= input) pixels
+            return self.map_to_frame_xy(x, y, (w, h))
+        H, W = self.input_size
+        if self.turned((w, h)):  # turned frame: h wide, w high; its (x', y') is frame (w - y', x')
+            tx, ty = x * h / W, y * w / H
+            return w - ty, tx
+        return x * w / W, y * h / H
+
 
 def crop_geometry(resize: int = 256, crop: int = 224) -> Geometry:
     """The paper protocol: shorter side ``resize``, centre crop ``crop`` x ``crop``."""
@@ -315,27 +360,34 @@ def crop_geometry(resize: int = 256, crop: int = 224) -> Geometry:
 
 
 def choose_geometry(frame_sizes, resize: int = 256, crop: int | None = None, tile: int | None = None,
-                    tile_overlap: int = TILE_OVERLAP, stride: int = STRIDE) -> Geometry:
+                    tile_overlap: int = TILE_OVERLAP, stride: int = STRIDE, orient: str = "auto") -> Geometry:
     """One backbone input size for a category, from its training frames.
 
     ``frame_sizes``: (width, height) of each training frame. With ``crop``: crop mode
-    (:func:`crop_geometry`; frame sizes unused). Else frame mode: ratio = median of w / h;
-    the shorter input side is ``resize`` and the longer ``resize * ratio`` (or ``/ ratio``),
+    (:func:`crop_geometry`; frame sizes and ``orient`` unused). Else frame mode: ratio =
+    median of w / h; with ``orient="auto"`` (default) the input is landscape if that median
+    is >= 1, else portrait, and the ratio is the median again over the frames turned to
+    that orientation (:meth:`Geometry.turned`); ``"fixed"`` never turns a frame. The
+    shorter input side is ``resize`` and the longer ``resize * ratio`` (or ``/ ratio``),
     both rounded to the nearest multiple of ``stride`` (at least ``stride``). ``tile``,
     ``tile_overlap``: see :class:`Geometry`; ``resize`` is then the shorter side of the whole
     resized frame, which the tiles cover.
 
     Raises:
         InputError: no frames, bad sizes, non-positive options, crop > resize, tile with
-            crop, tile larger than the input, overlap too large for the tile.
+            crop, tile larger than the input, overlap too large for the tile, unknown orient.
     """
     if crop is not None:
         return Geometry("crop", (crop, crop), resize, crop, tile)
     resize, stride = _whole("--resize", resize), _whole("stride", stride)
+    _check(orient in ORIENTS, f"--orient must be one of {', '.join(ORIENTS)}, got {orient!r}")
     sizes = [_frame_size(s) for s in frame_sizes]
     _check(bool(sizes), "choose_geometry needs the size of at least one training frame")
     ratio = statistics.median(w / h for w, h in sizes)
+    if orient == "auto":  # every frame turned to the majority's orientation
+        landscape = ratio >= 1
+        ratio = statistics.median(max(w, h) / min(w, h) if landscape else min(w, h) / max(w, h) for w, h in sizes)
     short = max(stride, _nearest(resize, stride))
     long = max(stride, _nearest(short * max(ratio, 1 / ratio), stride))
     size = (short, long) if ratio >= 1 else (long, short)
-    return Geometry("frame", size, short, None, tile, tile_overlap, stride)
+    return Geometry("frame", size, short, None, tile, tile_overlap, stride, orient)

@@ -44,7 +44,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: str | None = None,
           data_root: str | os.PathLike | None = None, backbone: str | None = None,
           layers: Sequence[str] | None = None, weights: str | None = None, embed_dim: int | None = None,
-          input_norm: str | dict = "imagenet", geometry=None, resize: int = 256, crop: int | None = None,
+          input_norm: str | dict = "auto", geometry=None, resize: int = 256, crop: int | None = None, orient: str = "auto",
           tile: int | None = None, tile_overlap: int | None = None, bit_depth: int | None = None,
           coreset_ratio: float = 0.1, seed: int = 0, shards: int = 1, index: str = "flat",
           index_params: dict | None = None, calibration_images: Sequence[Path] | None = None,
@@ -70,14 +70,16 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
         out_dir: the index directory (``<index-dir>/<category>``).
         data_root: image paths are recorded relative to it (default: their common folder).
         backbone, layers, weights, embed_dim: see :class:`~patchsearch.features.PatchEmbedder`.
-        input_norm: the normalisation the backbone is fed with (``--input-norm``): ``"imagenet"``
-            (default: ImageNet mean/std, for every backbone), ``"native"`` (the one its weights
-            were trained with, :func:`~patchsearch.features.native_norm`: ``(pixel - 127) / 128``
-            for EfficientNet-Lite, ImageNet's for torchvision weights), or a ``{"mean", "std"}``
-            dict (:func:`~patchsearch.features.resolve_norm`). Recorded in the manifest
+        input_norm: the normalisation the backbone is fed with (``--input-norm``): ``"native"``
+            (the one its weights were trained with, :func:`~patchsearch.features.native_norm`:
+            ``(pixel - 127) / 128`` for EfficientNet-Lite, ImageNet's for torchvision weights),
+            ``"imagenet"`` (ImageNet mean/std for every backbone), ``"auto"`` (default: ImageNet's
+            with ``crop``, the paper protocol, else native), or a ``{"mean", "std"}`` dict
+            (:func:`~patchsearch.features.resolve_norm`). Recorded in the manifest
             (``backbone.input_norm``); query, evaluate, add and serve embed with it.
         geometry: a :class:`~patchsearch.geometry.Geometry`; default chosen from the training
-            frames by :func:`~patchsearch.geometry.choose_geometry` (resize, crop, tile, tile_overlap).
+            frames by :func:`~patchsearch.geometry.choose_geometry` (resize, crop, tile,
+            tile_overlap, orient: ``"auto"`` turns frames of the other orientation 90 degrees).
         bit_depth: camera bit depth for frames of more than 8 bits (:func:`~patchsearch.data.load_image`).
         coreset_ratio, seed: see :func:`~patchsearch.coreset.kcenter_greedy`.
         shards, index, index_params: see :meth:`PatchIndex.from_embeddings`.
@@ -116,11 +118,11 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
         raise InputError(f"--bit-depth must be one of {', '.join(map(str, BIT_DEPTHS))}, got {bit_depth}")
     train, held = split_calibration(image_paths, calibration_images, calibration_fraction, seed)
     geometry = geometry or choose_geometry([frame_size(p) for p in train], resize, crop, tile,
-                                           TILE_OVERLAP if tile_overlap is None else tile_overlap)
+                                           TILE_OVERLAP if tile_overlap is None else tile_overlap, orient=orient)
     root = Path(data_root) if data_root is not None else Path(os.path.commonpath([p.parent for p in image_paths]))
     timings = {}
     t0 = time.perf_counter()
-    norm = resolve_norm(input_norm, backbone or DEFAULT_BACKBONE)
+    norm = resolve_norm(input_norm, backbone or DEFAULT_BACKBONE, geometry.mode)
     embedder = PatchEmbedder(backbone or DEFAULT_BACKBONE, layers, weights, embed_dim, input_norm=norm)
     timings["load_backbone"] = time.perf_counter() - t0
     with new_version(out_dir) as tmp:

@@ -118,8 +118,7 @@ def patch_box(geometry, grid, frame_size, tile: int, row: int, col: int, context
     y0, y1 = max(0.0, top + (row - context) * fy), min(float(H), top + (row + 1 + context) * fy)
     x0, x1 = max(0.0, left + (col - context) * fx), min(float(W), left + (col + 1 + context) * fx)
     w, h = frame_size
-    if geometry.mode == "frame":  # input pixels -> map (= frame) pixels
-        x0, x1, y0, y1 = x0 * w / W, x1 * w / W, y0 * h / H, y1 * h / H
-    (fx0, fx1), (fy0, fy1) = geometry.map_to_frame_xy([x0, x1], [y0, y1], (w, h))
+    xs, ys = geometry.input_to_frame_xy([x0, x1], [y0, y1], (w, h))  # a turned frame swaps the axes
+    (fx0, fx1), (fy0, fy1) = sorted(xs), sorted(ys)
     return (max(0, int(math.floor(fx0))), max(0, int(math.floor(fy0))),
             min(int(w), int(math.ceil(fx1))), min(int(h), int(math.ceil(fy1))))

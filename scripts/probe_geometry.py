@@ -68,17 +68,21 @@ def main():
     g = choose_geometry([tuple(map(int, s)) for s in train], resize=args.resize)
     H, W = g.input_size
     print(f"\nchoose_geometry(train/good, resize={args.resize}) -> input {H} x {W} (H x W), "
-          f"median w/h {np.median(ratio):.3f} -> {W / H:.3f}")
-    print("frame mode, per folder: aspect distortion max(d, 1/d), d = (W/w)/(H/h) [p50 p95 max]; "
+          f"median w/h {np.median(ratio):.3f} -> {W / H:.3f}, orient {g.orient}")
+    print("frame mode, per folder: frames turned 90 degrees (orient auto); aspect distortion "
+          "max(d, 1/d), d = (W/w)/(H/h) of the frame as turned [p50 p95 max]; "
           "crop mode: share of frame area in the crop [p50 min], share of defect pixels in the crop [sum]")
     crop = crop_geometry(args.resize, args.crop)
     for folder in folders:
         wh = sizes[folder]
-        d = (W / wh[:, 0]) / (H / wh[:, 1])
+        turned = np.array([g.turned((int(w), int(h))) for w, h in wh], bool)
+        tw, th = np.where(turned, wh[:, 1], wh[:, 0]), np.where(turned, wh[:, 0], wh[:, 1])
+        d = (W / tw) / (H / th)
         d = np.maximum(d, 1 / d)
         boxes = np.array([crop.crop_box(int(w), int(h)) for w, h in wh])
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (wh[:, 0] * wh[:, 1])
-        line = (f"{folder.parent.name + '/' + folder.name:16} {np.median(d):5.2f} {np.percentile(d, 95):5.2f} "
+        line = (f"{folder.parent.name + '/' + folder.name:16} turned {turned.sum():4d}   "
+                f"{np.median(d):5.2f} {np.percentile(d, 95):5.2f} "
                 f"{d.max():5.2f}   crop area {np.median(area):5.2f} {area.min():5.2f}")
         gt = root / "ground_truth" / folder.name
         if gt.is_dir():

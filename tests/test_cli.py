@@ -170,19 +170,22 @@ def test_build_ray_without_ray_installed_is_one_line(monkeypatch, tmp_path, mvte
     assert not (tmp_path / "widget" / "CURRENT").exists()
 
 
-@pytest.mark.parametrize("choice", ["native", "imagenet"])
-def test_build_input_norm_is_recorded_and_used_by_query(tmp_path, mvtec_root, choice):
+@pytest.mark.parametrize("choice, crop, native", [("native", True, True), ("imagenet", False, False),
+                                                  (None, False, True), (None, True, False)])
+def test_build_input_norm_is_recorded_and_used_by_query(tmp_path, mvtec_root, choice, crop, native):
     """``--input-norm native`` embeds the store with the lite weights' own normalisation,
-    records it, and ``query`` embeds with it; ``imagenet`` (the default) does neither."""
+    records it, and ``query`` embeds with it; ``imagenet`` does neither. The default
+    (``auto``) is native for the whole frame and ImageNet's with ``--crop``."""
     from patchsearch.data import load_image
     from patchsearch.features import IMAGENET_NORM, LITE_NORM, PatchEmbedder
     from patchsearch.query import geometry_of, query
 
     idx = tmp_path / "indexes"
-    r = _run("build", "--category", "widget", "--data-root", mvtec_root, "--index-dir", idx, *SMALL,
-             "--input-norm", choice)
+    options = SMALL if crop else ["--resize", "64", "--batch-size", "4"]  # whole frame, 64 x 64
+    r = _run("build", "--category", "widget", "--data-root", mvtec_root, "--index-dir", idx, *options,
+             *(["--input-norm", choice] if choice else []))
     assert r.exit_code == 0, r.output
-    used, other = (LITE_NORM, IMAGENET_NORM) if choice == "native" else (IMAGENET_NORM, LITE_NORM)
+    used, other = (LITE_NORM, IMAGENET_NORM) if native else (IMAGENET_NORM, LITE_NORM)
     man = json.loads((idx / "widget/v000001/manifest.json").read_text())
     assert man["backbone"]["input_norm"] == used
     embedders = {"used": PatchEmbedder(input_norm=used), "other": PatchEmbedder(input_norm=other)}
@@ -191,9 +194,10 @@ def test_build_input_norm_is_recorded_and_used_by_query(tmp_path, mvtec_root, ch
     # the store holds embeddings of the recorded normalisation
     store = PatchStore(idx / "widget/v000001")
     first = geometry.frame_tensor(load_image(mvtec_root / "widget" / store.image_paths()[0]))
-    rows = store.embeddings(list(range(64)))
-    np.testing.assert_allclose(rows, embedders["used"](first).numpy().reshape(64, -1), rtol=1e-4, atol=1e-4)
-    assert not np.allclose(rows, embedders["other"](first).numpy().reshape(64, -1), rtol=1e-2, atol=1e-2)
+    n = int(np.prod(index.manifest.grid))
+    rows = store.embeddings(list(range(n)))
+    np.testing.assert_allclose(rows, embedders["used"](first).numpy().reshape(n, -1), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(rows, embedders["other"](first).numpy().reshape(n, -1), rtol=1e-2, atol=1e-2)
     # query embeds with the recorded normalisation
     bad = mvtec_root / "widget/test/blob/000.png"
     r = _run("query", bad, "--category", "widget", "--index-dir", idx)
@@ -217,7 +221,7 @@ def test_old_manifest_without_input_norm_queries_with_imagenet(tmp_path, mvtec_r
 
     idx = tmp_path / "indexes"
     assert _run("build", "--category", "widget", "--data-root", mvtec_root, "--index-dir", idx,
-                *SMALL).exit_code == 0
+                *SMALL, "--input-norm", "imagenet").exit_code == 0
     bad = mvtec_root / "widget/test/blob/000.png"
     before = json.loads(_run("query", bad, "--category", "widget", "--index-dir", idx).stdout.strip().splitlines()[-1])
     path = idx / "widget/v000001/manifest.json"

@@ -129,6 +129,10 @@ def test_resolve_norm_choices(resnet18_weights):
     assert resolve_norm("imagenet", "efficientnet_lite2") == IMAGENET_NORM
     assert resolve_norm("native", "efficientnet_lite1") == LITE_NORM
     assert resolve_norm("native", "resnet18") == IMAGENET_NORM  # torchvision weights: ImageNet's own
+    # auto (the build default): the weights' own for the whole frame, ImageNet's for the paper crop
+    assert resolve_norm("auto", "efficientnet_lite0") == resolve_norm("auto", "efficientnet_lite0", "frame") == LITE_NORM
+    assert resolve_norm("auto", "efficientnet_lite0", "crop") == IMAGENET_NORM
+    assert resolve_norm("auto", "resnet18", "frame") == IMAGENET_NORM
     assert resolve_norm({"mean": [0.5] * 3, "std": [0.25] * 3}) == {"mean": [0.5] * 3, "std": [0.25] * 3}
     with pytest.raises(InputError, match="input-norm"):
         resolve_norm("tf")

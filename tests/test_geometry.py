@@ -70,8 +70,15 @@ def test_choose_non_square_frames():
     # 256 / 0.75 = 341.3 -> nearest multiple of 16 is 336
     assert portrait.input_size == (336, 256)
     # median of w/h (0.5, 0.75, 0.8, 2.0, 3.0) = 0.8 -> height 320; the mean (1.41) would give landscape
-    mixed = choose_geometry([(100, 200), (300, 400), (400, 500), (400, 200), (600, 200)])
-    assert mixed.input_size == (320, 256)
+    frames = [(100, 200), (300, 400), (400, 500), (400, 200), (600, 200)]
+    mixed = choose_geometry(frames, orient="fixed")
+    assert mixed.input_size == (320, 256) and mixed.orient == "fixed"
+    # orient="auto" (default): portrait input (median 0.8 < 1); the frames turned to portrait
+    # have w/h (0.5, 0.75, 0.8, 0.5, 0.333), median 0.5 -> height 512
+    turned = choose_geometry(frames)
+    assert turned.input_size == (512, 256) and turned.orient == "auto"
+    assert [turned.turned(f) for f in frames] == [False, False, False, True, True]
+    assert not turned.turned((300, 300)) and not choose_geometry([(300, 300)]).turned((400, 200))
     # shorter side rounded to the stride too, at least one stride
     assert choose_geometry([(300, 300)], resize=250).input_size == (256, 256)
     assert choose_geometry([(1000, 10)], resize=8).input_size == (16, 1600)
@@ -132,6 +139,14 @@ def test_manifest_round_trip_and_old_form():
         Geometry.from_dict({"resize": 256, "crop": 300})
     with pytest.raises(InputError, match="unknown keys"):
         Geometry.from_dict({"mode": "frame", "input_size": [256, 256], "resize": 256, "zoom": 2})
+    # manifests from before orient never turned a frame
+    before = Geometry.from_dict({"mode": "frame", "input_size": [320, 256], "resize": 256})
+    assert before.orient == "fixed" and not before.turned((400, 200))
+    assert Geometry.from_dict(choose_geometry([(200, 400)]).to_dict()).orient == "auto"
+    with pytest.raises(InputError, match="never turns frames"):
+        Geometry("crop", (224, 224), 256, 224, orient="auto")
+    with pytest.raises(InputError, match="--orient must be one of"):
+        choose_geometry([(200, 400)], orient="rotate")
 
 
 def test_frame_tensor_crop_mode_equals_today(tmp_path):
@@ -264,3 +279,47 @@ def test_tiled_real_embedder_stitches_to_grid_shape():
     np.testing.assert_array_equal(grid[:, 28:], emb[1][:, 8:])      # right of the overlap: tile 1
     scores = g.stitch(np.linalg.norm(emb, axis=-1))
     assert g.frame_map(scores, (384, 224)).shape == (224, 384)
+
+
+def _cell_means(t, cell=8):
+    """Channel-0 means over cell x cell blocks of a (1, 3, H, W) input: a stand-in patch grid."""
+    x = t[0, 0].numpy()
+    H, W = x.shape
+    return x.reshape(H // cell, cell, W // cell, cell).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize("frame", [(330, 160), (160, 330)])
+def test_turned_frame_defect_maps_back_to_its_place(frame):
+    """A landscape frame for a portrait input (and the reverse) is turned counter-clockwise
+    before it is resized: the input is the frame turned with PIL's ROTATE_90, and the
+    anomaly map, the input-to-frame coordinates and patch boxes all land on the defect's
+    place in the unturned frame. A wrong direction or axis puts them elsewhere."""
+    from patchsearch.report import patch_box
+
+    w, h = frame
+    other = (h, w)
+    g = choose_geometry([other, other, frame])  # the majority has the other orientation
+    assert g.turned(frame) and not g.turned(other)
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[20:40, w - 60:w - 30] = 255  # defect near the top-right corner of the frame
+    img = Image.fromarray(arr)
+    t = g.frame_tensor(img)
+    H, W = g.input_size
+    assert t.shape == (1, 3, H, W)
+    fixed = Geometry("frame", g.input_size, g.resize)
+    torch.testing.assert_close(t, fixed.frame_tensor(img.transpose(Image.Transpose.ROTATE_90)), rtol=0, atol=0)
+    grid = _cell_means(t)
+    amap = g.frame_map(grid, frame, sigma=0)
+    assert amap.shape == (h, w)
+    ys, xs = np.nonzero(amap > 0.5 * amap.max())
+    assert 20 - 6 <= ys.min() and ys.max() <= 40 + 6 and w - 60 - 6 <= xs.min() and xs.max() <= w - 30 + 6
+    # the hottest cells' boxes on the frame lie on the defect (x in [w - 60, w - 30), y in [20, 40))
+    for row, col in zip(*np.nonzero(grid == grid.max())):
+        left, top, right, bottom = patch_box(g, grid.shape, frame, 0, int(row), int(col), context=0)
+        assert w - 60 <= left < right <= w - 30 and 20 <= top < bottom <= 40
+        cx, cy = g.input_to_frame_xy((col + 0.5) * 8, (row + 0.5) * 8, frame)
+        assert left < cx < right and top < cy < bottom
+    # the input's corners land on the frame's corners
+    xs, ys = g.input_to_frame_xy([0, W], [0, H], frame)
+    assert sorted(xs) == pytest.approx([0, w]) and sorted(ys) == pytest.approx([0, h])
+
