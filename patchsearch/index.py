@@ -393,7 +393,11 @@ class PatchIndex:
         return SearchResult(dist, loc, scores, top.astype(np.int64))
 
     def describe_locations(self, rows) -> list[dict]:
-        """Training patch behind each memory-bank row: [{"bank_row", "image", "tile", "row", "col"}]."""
+        """Training patch behind each memory-bank row: [{"bank_row", "image", "tile", "row", "col"}].
+
+        (tile, row, col) is a cell of the backbone input's patch grid (of the turned frame
+        for a frame :meth:`~patchsearch.geometry.Geometry.turned`); :func:`patchsearch.report.patch_box`
+        gives its box on the original frame."""
         return self.memory_bank.describe(rows)
 
     # updates (thin delegation to patchsearch.update) ----------------------------------
