@@ -104,7 +104,7 @@ def main(debug):
 @click.option("--category", required=True, help="MVTec AD category, e.g. bottle")
 @_data_root_option
 @_index_dir_option
-@click.option("--backbone", default="efficientnet_lite0", show_default=True,
+@click.option("--backbone", default="efficientnet_lite1", show_default=True,
               help="efficientnet_lite0/1/2 or a torchvision model (wide_resnet50_2 = the paper's)")
 @click.option("--layers", default=None, help="comma-separated feature nodes [default: stride-8 and 16 stages]")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
@@ -118,7 +118,7 @@ def main(debug):
               help="shorter side of the backbone input, pixels (the whole frame, aspect from the training frames)")
 @click.option("--crop", type=click.IntRange(min=1), default=None,
               help="the paper's protocol instead: resize, then centre-crop CROP x CROP (borders unseen)")
-@click.option("--orient", type=click.Choice(["auto", "fixed"]), default="auto", show_default=True,
+@click.option("--orient", type=click.Choice(["auto", "fixed"]), default="fixed", show_default=True,
               help="auto: frames whose longer side lies across the input's are turned 90 degrees first "
                    "(their maps turned back); fixed: never turned")
 @click.option("--tile", type=click.IntRange(min=16), default=None,

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .errors import InputError, WeightsUnavailableError
 from .files import sha256 as file_sha256
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_BACKBONE = "efficientnet_lite1"
 _RESNET_LAYERS = ("layer2", "layer3")
 _LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 # Input normalisations, (mean, std) per RGB channel of pixels scaled to 0..1.
@@ -206,7 +206,7 @@ class PatchEmbedder(torch.nn.Module):
     """Locally aware patch embeddings (PatchCore §3.1, as anomalib computes them).
 
     Args:
-        backbone: backbone name (see :func:`load_backbone`); default ``efficientnet_lite0``.
+        backbone: backbone name (see :func:`load_backbone`); default ``efficientnet_lite1``.
         layers: feature node names (``torchvision.models.feature_extraction`` names);
             default ``layer2, layer3`` for ResNets, the stride-8/16 blocks for EfficientNet-Lite.
         weights: optional state-dict file replacing the default ImageNet weights.

@@ -7,8 +7,8 @@ Two modes, chosen once per category at build (:func:`choose_geometry`):
   whose aspect ratio is the median of the training frames', both sides multiples of
   ``stride``. Nothing is cut off. Optionally the input is cut into ``tile`` x ``tile``
   tiles overlapping by at least ``tile_overlap`` pixels, embedded separately and
-  stitched back (:meth:`Geometry.stitch`). With ``orient="auto"`` (the default of
-  :func:`choose_geometry`) a frame whose longer side lies across the input's longer side
+  stitched back (:meth:`Geometry.stitch`). With ``orient="auto"`` (opt-in,
+  ``patchsearch build --orient auto``) a frame whose longer side lies across the input's longer side
   (a landscape frame for a portrait input, or the reverse) is first turned 90 degrees
   counter-clockwise, so that it is squashed less; its map is turned back
   (:meth:`Geometry.turned`). Square frames and square inputs are never turned.
@@ -360,14 +360,14 @@ def crop_geometry(resize: int = 256, crop: int = 224) -> Geometry:
 
 
 def choose_geometry(frame_sizes, resize: int = 256, crop: int | None = None, tile: int | None = None,
-                    tile_overlap: int = TILE_OVERLAP, stride: int = STRIDE, orient: str = "auto") -> Geometry:
+                    tile_overlap: int = TILE_OVERLAP, stride: int = STRIDE, orient: str = "fixed") -> Geometry:
     """One backbone input size for a category, from its training frames.
 
     ``frame_sizes``: (width, height) of each training frame. With ``crop``: crop mode
     (:func:`crop_geometry`; frame sizes and ``orient`` unused). Else frame mode: ratio =
-    median of w / h; with ``orient="auto"`` (default) the input is landscape if that median
+    median of w / h; with ``orient="auto"`` the input is landscape if that median
     is >= 1, else portrait, and the ratio is the median again over the frames turned to
-    that orientation (:meth:`Geometry.turned`); ``"fixed"`` never turns a frame. The
+    that orientation (:meth:`Geometry.turned`); ``"fixed"`` (default) never turns a frame. The
     shorter input side is ``resize`` and the longer ``resize * ratio`` (or ``/ ratio``),
     both rounded to the nearest multiple of ``stride`` (at least ``stride``). ``tile``,
     ``tile_overlap``: see :class:`Geometry`; ``resize`` is then the shorter side of the whole

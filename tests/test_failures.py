@@ -90,7 +90,7 @@ def test_clear_cli_errors(built, tmp_path):
     cases = [
         (["build", "--category", "widget", "--data-root", empty], "holds no image"),
         (["query", good, "--category", "widget", "--index-dir", idx, "--backbone", "resnet18"],
-         "built with backbone efficientnet_lite0, not resnet18"),
+         "built with backbone efficientnet_lite1, not resnet18"),
         (["query", good, "--category", "widget", "--index-dir", idx, "--embed-dim", "99"], "152-d embeddings, not 99-d"),
         (["query", good, "--category", "widget", "--index-dir", idx, "--k", "100000"], "larger than the memory bank"),
         (["query", good, "--category", "nothing", "--index-dir", idx], "no index at"),

