@@ -2,7 +2,7 @@
 """End-to-end build and query times on MVTec AD bottle, per stage (this machine, CPU).
 
 Builds the bottle index into a temporary directory with the default settings
-(efficientnet_lite0, coreset ratio 0.1, flat) and reads the per-stage build times
+(the default backbone, coreset ratio 0.1, flat) and reads the per-stage build times
 from its manifest; then queries the 83 test images and times each query stage
 per image: decode + preprocess, backbone + patch embedding, search + Eq. 7 score,
 anomaly map.

@@ -2,7 +2,7 @@
 """Coreset benchmark: patchsearch's greedy k-center against the anomalib way, on real embeddings.
 
 Both select ``ratio * N`` of the bottle category's raw patch embeddings (the Arrow
-store of ``patchsearch build --category bottle``: 163,856 x 152, efficientnet_lite0):
+store of ``patchsearch build --category bottle``: 163,856 x 152 with efficientnet_lite0, the default backbone then):
 
 * anomalib-style baseline: a very sparse random projection (Li et al.; Johnson-
   Lindenstrauss dimension for eps = 0.9, density 1/sqrt(d)), then one

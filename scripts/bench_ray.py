@@ -55,6 +55,7 @@ def main():
             index = build(train, out, category="bottle", data_root=root / "bottle")
             t = index.manifest.timings["extract"]
             n = index.manifest.store["num_images"]
+            backbone = index.manifest.backbone["name"]
             rows.append(f"| this machine, 1 process, torch {threads} threads | {t:.1f} | {n / t:.1f} | - |")
             index.close()
             results[f"local{threads}"] = out
@@ -73,7 +74,7 @@ def main():
                         f"{n / t:.1f} | {inside:.1f} |")
             index.close()
             results[f"ray{workers}"] = out
-        print(f"Embedding stage, bottle ({n} training frames, 256 x 256 input, efficientnet_lite0, "
+        print(f"Embedding stage, bottle ({n} training frames, 256 x 256 input, {backbone}, "
               f"{len(parts)} partitions of {args.chunk}):\n")
         print("| embedding on | stage seconds (incl. starting workers) | images/s | images/s per worker, "
               "inside the worker |")

@@ -4,7 +4,7 @@ without dynamic batching, next to the in-process library time for the same frame
 
 With ``--index-dir DIR --category C --frames DIR`` it serves that index (e.g. bottle:
 ``--frames $PATCHSEARCH_DATA_ROOT/bottle/test/broken_large``). Without, it builds a
-small synthetic index (10 textured 896 x 896 training frames, efficientnet_lite0,
+small synthetic index (10 textured 896 x 896 training frames, the default backbone,
 whole frame at 256) in a temporary folder and uses synthetic 896 x 896 PNG frames.
 The server runs in a subprocess on 127.0.0.1; clients are threads with httpx.
 

@@ -50,7 +50,7 @@ def train_patches(index_dir: Path = REPO / "indexes" / "bottle") -> np.ndarray:
 def _embed(images: list[torch.Tensor]) -> np.ndarray:
     from patchsearch.features import PatchEmbedder
 
-    emb = PatchEmbedder()
+    emb = PatchEmbedder("efficientnet_lite0")  # the data the README's search tables were measured on
     out = [emb(torch.stack(images[i:i + 16])).numpy().reshape(-1, emb.dim) for i in range(0, len(images), 16)]
     return np.concatenate(out)
 
