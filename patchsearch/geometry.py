@@ -380,7 +380,6 @@ def choose_geometry(frame_sizes, resize: int = 256, crop: int | None = None, til
     if crop is not None:
         return Geometry("crop", (crop, crop), resize, crop, tile)
     resize, stride = _whole("--resize", resize), _whole("stride", stride)
-    _check(orient in ORIENTS, f"--orient must be one of {', '.join(ORIENTS)}, got {orient!r}")
     sizes = [_frame_size(s) for s in frame_sizes]
     _check(bool(sizes), "choose_geometry needs the size of at least one training frame")
     ratio = statistics.median(w / h for w, h in sizes)

@@ -123,8 +123,9 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
     root = Path(data_root) if data_root is not None else Path(os.path.commonpath([p.parent for p in image_paths]))
     timings = {}
     t0 = time.perf_counter()
-    norm = resolve_norm(input_norm, backbone or DEFAULT_BACKBONE, geometry.mode)
-    embedder = PatchEmbedder(backbone or DEFAULT_BACKBONE, layers, weights, embed_dim, input_norm=norm)
+    backbone = backbone or DEFAULT_BACKBONE
+    norm = resolve_norm(input_norm, backbone, geometry.mode)
+    embedder = PatchEmbedder(backbone, layers, weights, embed_dim, input_norm=norm)
     timings["load_backbone"] = time.perf_counter() - t0
     with new_version(out_dir) as tmp:
         t0 = time.perf_counter()
@@ -133,7 +134,7 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
             from .distributed.embed import embed_store
 
             num_images, num_patches, grid = embed_store(
-                ray_address, tmp, train, root, geometry, embedder.dim, dict(backbone=backbone or DEFAULT_BACKBONE,
+                ray_address, tmp, train, root, geometry, embedder.dim, dict(backbone=backbone,
                 layers=layers, weights=weights, embed_dim=embed_dim, input_norm=norm), batch_size, bit_depth,
                 log=log, **(ray_options or {}))
         else:
