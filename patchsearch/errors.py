@@ -29,6 +29,24 @@ class VersionConflict(PatchsearchError):
     installed, and running the update again starts from the new version."""
 
 
+class FrameTooLargeError(InputError):
+    """A frame's header dimensions exceed the pixel budget (refused before decoding).
+
+    Attributes:
+        path: the frame's name (file path or upload name).
+        width, height: its dimensions from the header, pixels.
+        limit: the budget it exceeds, pixels (width x height).
+    """
+
+    def __init__(self, message: str, path: str = "", width: int = 0, height: int = 0, limit: int = 0):
+        super().__init__(message)
+        self.path, self.width, self.height, self.limit = path, width, height, limit
+
+
+class UnsupportedFormatError(InputError):
+    """A frame is in an image format outside the allow-list (PNG, JPEG, BMP, TIFF, WebP, ...)."""
+
+
 def check_finite(array, what: str, chunk: int = 65536, first_row: int = 0) -> None:
     """Raise :class:`InputError` naming ``what`` and the first bad row block if ``array``
     (an (N, ...) numpy array or memory map) holds NaN or infinite values. Checked in
