@@ -472,6 +472,7 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
                                  "index": round(t_index, 3), "calibrate": round(time.perf_counter() - t0, 3),
                                  "total": round(time.perf_counter() - t_start, 3)}
             built.write(tmp)
+            del grown, fresh, src  # their memory maps of tmp: Windows renames no directory with a mapped file
     finally:
         index.close()
     tidy(index_dir)
@@ -644,6 +645,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
                                  "calibrate": round(time.perf_counter() - t0, 3),
                                  "total": round(time.perf_counter() - t_start, 3)}
             built.write(tmp)
+            del shrunk, src  # their memory maps of tmp: Windows renames no directory with a mapped file
     finally:
         index.close()
     tidy(index_dir)

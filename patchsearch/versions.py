@@ -15,38 +15,66 @@ file: the one atomic step, on Linux, macOS and Windows alike. A crash at any poi
 leaves ``CURRENT`` naming the previous complete version.
 
 Reading (:func:`open_version`): a reader reads ``CURRENT``, takes a *lease* (an
-OS lock on its own file ``leases/<version>.<id>.lease``), checks the version is
-still there and reads it; it may keep reading it, for as long as it holds the lease,
-while newer versions are installed.
+OS lock on its own file ``leases/<version>.<id>.lease``), then reads ``CURRENT``
+again: only if it still names the leased version is the lease kept (else the reader
+releases it and starts over). It may keep reading that version, for as long as it
+holds the lease, while newer versions are installed.
 
 Removal: after installing, a writer removes every version that is neither current
 nor leased. A lease is live while its lock is held; the OS drops the lock when the
-reader exits or dies, so a crashed reader never pins a version (its lease file is
-removed as stale), and liveness is judged by the lock, not by a process id, so it
-holds across containers sharing a file system. A version is renamed away before it
-is deleted and a reader checks after leasing, so either the writer sees the lease
-or the reader sees the version gone and retries on the new ``CURRENT``.
+reader exits or dies, so a crashed reader never pins a version (its stale lease file
+is removed), and liveness is judged by the lock, not by a process id, so it holds
+across containers sharing a file system. No leased version is removed: the writer
+reads ``CURRENT`` (under ``LOCK``, after its install) and only then looks for the
+leases of the versions it did not name; a reader keeps a lease only if its second
+read of ``CURRENT``, made after leasing, still named the version, so the version
+stopped being current after the lease was taken, and the writer's look saw it. (A
+stale lease file is unlinked while its lock is held, and :class:`~patchsearch.files.FileLock`
+re-checks after locking that its file is still there: no lease is lost to that either.)
+
+A reader that cannot create a lease because the directory is read-only (EROFS: a
+read-only mount or medium; EACCES/EPERM: no write permission for this user) reads
+without one. No one can remove a version on a read-only file system; where only this
+user lacks the permission, a writer may remove the version once it is no longer
+current: give readers write access to ``leases/`` where writers run.
 
 Directories of format version 1 (files directly in ``<category>/``, no ``CURRENT``)
-are read as they are, and replaced by the first version installed over them.
+are read as they are, under a lease ``leases/format1.<id>.lease`` taken the same way
+(kept only if ``CURRENT`` is still missing after it was taken), and replaced by the
+first version installed over them: their files are removed once no lease holds them.
+
+Windows: a file that is open cannot be deleted nor a directory holding one renamed;
+what cannot be removed now is left (``.trash-*``, stale leases, legacy files) for the
+next writer's clean-up, and no reader holds ``CURRENT`` open beyond one short read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path
 
+from . import files
 from .errors import IndexFormatError, VersionConflict
-from .files import FileLock, atomic_write, fsync_dir, fsync_tree, is_locked
+from .files import (
+    FileLock,
+    LockTimeout,
+    atomic_write,
+    fsync_dir,
+    fsync_tree,
+    remove_stale,
+)
 
 CURRENT = "CURRENT"
 LOCK = "LOCK"
 LEASES = "leases"
 LEGACY_MANIFEST = "manifest.json"
+LEGACY_LEASE = "format1"  # the lease name of a format-1 directory's files
+LOCK_TIMEOUT_S = 600.0  # how long a writer waits for another writer's LOCK, seconds
 _VERSION = re.compile(r"^v(\d{6,})$")
 _held: set[Path] = set()  # lease files held by this process
 
@@ -72,12 +100,18 @@ def current_version(root: str | os.PathLike) -> str | None:
         IndexFormatError: ``CURRENT`` exists but does not name a version.
     """
     path = Path(root) / CURRENT
-    try:
-        name = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IndexFormatError(f"{path}: unreadable ({exc})") from None
+    for attempt in range(20):
+        try:
+            name = path.read_text(encoding="ascii").strip()  # opened, read and closed at once
+            break
+        except FileNotFoundError:
+            return None
+        except PermissionError as exc:  # Windows: being replaced this very moment
+            if not files.IS_WINDOWS or attempt == 19:
+                raise IndexFormatError(f"{path}: unreadable ({exc})") from None
+            files._sleep(0.01 * (attempt + 1))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise IndexFormatError(f"{path}: unreadable ({exc})") from None
     if not _VERSION.match(name):
         raise IndexFormatError(f"{path}: does not name a version ({name[:40]!r})")
     return name
@@ -118,38 +152,69 @@ class Lease:
 def open_version(root: str | os.PathLike, attempts: int = 20) -> Lease:
     """Lease the version ``CURRENT`` names (or a format-1 directory as it is).
 
+    The returned version stays in place until the lease is released, whatever writers
+    install meanwhile (see the module docstring); callers need no retry. On a read-only
+    directory the lease holds no lock (nothing can remove the version there).
+
+    Args:
+        attempts: how many times to start over when a writer installs a newer version
+            between reading ``CURRENT`` and taking the lease.
+
     Raises:
         IndexFormatError: no index at ``root``, or ``CURRENT`` keeps naming a missing version.
+        OSError: the lease file cannot be created for another reason than a read-only directory.
     """
     root = Path(root)
     for _ in range(attempts):
         name = current_version(root)
         if name is None:
             if (root / LEGACY_MANIFEST).is_file():
-                return Lease(root, None, None)
-            raise IndexFormatError(f"no index at {root}: run 'patchsearch build' first")
+                lease = _lease(root, LEGACY_LEASE, root, None)
+                if current_version(root) is None and (root / LEGACY_MANIFEST).is_file():
+                    return lease
+                lease.release()  # a version was installed over it meanwhile
+                continue
+            if current_version(root) is None:
+                raise IndexFormatError(f"no index at {root}: run 'patchsearch build' first")
+            continue
+        lease = _lease(root, name, root / name, name)
+        now = current_version(root)
+        if now == name and (root / name).is_dir():
+            return lease
+        lease.release()
+        if now == name:  # installs rename the version into place before CURRENT names it
+            raise IndexFormatError(f"{root / CURRENT}: names {name}, which does not exist")
+    raise IndexFormatError(f"{root}: a newer version was installed each of the {attempts} times it was "
+                           f"opened (attempts); open it again")
+
+
+def _lease(root: Path, name: str, path: Path, version: str | None) -> Lease:
+    """Lock a new lease file for ``name`` (a lock-less lease where the directory is read-only)."""
+    lease_path = root / LEASES / f"{name}.{uuid.uuid4().hex[:12]}.lease"
+    try:
         (root / LEASES).mkdir(exist_ok=True)
-        lease_path = root / LEASES / f"{name}.{uuid.uuid4().hex[:12]}.lease"
         lock = FileLock(lease_path)
-        _held.add(lease_path)
-        if (root / name).is_dir():
-            return Lease(root / name, name, lock)
-        Lease(root / name, name, lock).release()  # removed meanwhile: a newer CURRENT exists
-    raise IndexFormatError(f"{root / CURRENT}: names {name}, which does not exist")
+    except OSError as exc:
+        if not (isinstance(exc, PermissionError) or exc.errno == errno.EROFS):
+            raise
+        return Lease(path, version, None)  # read-only here: no writer can remove anything
+    _held.add(lease_path)
+    return Lease(path, version, lock)
 
 
 def _leased(root: Path, name: str) -> bool:
+    """Whether a live lease holds ``name``; stale lease files (dead readers) are removed."""
+    held = False
     for path in (root / LEASES).glob(f"{name}.*.lease"):
-        if path in _held or is_locked(path):
-            return True
-        with contextlib.suppress(OSError):  # its reader is gone
-            path.unlink()
-    return False
+        if path in _held or (not remove_stale(path) and path.exists()):  # locked, or in use (Windows)
+            held = True
+    return held
 
 
 def _remove(path: Path) -> None:
     """Rename ``path`` out of the way, then delete it; what cannot be deleted now
-    (Windows keeps files that are open) stays as ``.trash-*`` for the next writer."""
+    (Windows keeps files that are open, and refuses to rename a directory holding one)
+    stays, as ``.trash-*`` or under its name, for the next writer."""
     trash = path.with_name(f".trash-{uuid.uuid4().hex[:12]}")
     try:
         os.rename(path, trash)
@@ -160,13 +225,14 @@ def _remove(path: Path) -> None:
 
 def collect_garbage(root: str | os.PathLike) -> list[str]:
     """Remove what no one needs: versions neither current nor leased, temporaries of
-    dead writers, stale leases and trash. Call with the writer ``LOCK`` held.
+    dead writers, stale leases, trash, and format-1 files no reader leases once a
+    version replaced them. Call with the writer ``LOCK`` held.
 
     Returns:
         names removed (for logs and tests).
     """
     root = Path(root)
-    current = current_version(root)
+    current = current_version(root)  # first: a reader keeps a lease on another version only if taken before this
     removed = []
     for name in list_versions(root):
         if name != current and not _leased(root, name):
@@ -174,27 +240,43 @@ def collect_garbage(root: str | os.PathLike) -> list[str]:
             removed.append(name)
     for lock in root.glob(".tmp-*.lock"):
         tmp = lock.with_suffix("")
-        if not is_locked(lock):  # its writer died
-            shutil.rmtree(tmp, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                lock.unlink()
+        if remove_stale(lock, before=lambda tmp=tmp: shutil.rmtree(tmp, ignore_errors=True)):  # its writer died
             removed.append(tmp.name)
+    for tmp in root.glob(".tmp-*"):  # left by a writer that could not delete it (Windows: a file was open)
+        if tmp.is_dir() and not tmp.with_name(tmp.name + ".lock").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     for trash in root.glob(".trash-*"):
         shutil.rmtree(trash, ignore_errors=True)
-    if current is not None and (root / LEGACY_MANIFEST).is_file():
+    if current is not None and (root / LEGACY_MANIFEST).is_file() and not _leased(root, LEGACY_LEASE):
         removed.extend(_remove_legacy(root))
     return removed
 
 
-def tidy(root: str | os.PathLike) -> list[str]:
+def tidy(root: str | os.PathLike, lock_timeout_s: float | None = LOCK_TIMEOUT_S) -> list[str]:
     """Take the writer ``LOCK`` and :func:`collect_garbage` (e.g. after releasing a lease
-    that kept an old version alive while a new one was installed)."""
-    with FileLock(Path(root) / LOCK):
+    that kept an old version alive while a new one was installed).
+
+    Args:
+        lock_timeout_s: see :func:`new_version`.
+
+    Raises:
+        LockTimeout: another writer held ``LOCK`` for ``lock_timeout_s`` seconds.
+    """
+    with _writer_lock(Path(root), lock_timeout_s):
         return collect_garbage(root)
 
 
+def _writer_lock(root: Path, timeout: float | None) -> FileLock:
+    try:
+        return FileLock(root / LOCK, timeout=timeout)
+    except LockTimeout:
+        raise LockTimeout(f"{root / LOCK}: another writer still held the lock after {timeout:g} s "
+                          f"(lock_timeout_s); nothing was installed or removed: run it again") from None
+
+
 def _remove_legacy(root: Path) -> list[str]:
-    """Delete the files of a format-1 index once a version has replaced it (manifest first)."""
+    """Delete the files of a format-1 index once a version has replaced it; the manifest
+    goes last, once every file it lists is gone (Windows may refuse some for now)."""
     import json
 
     try:
@@ -202,10 +284,20 @@ def _remove_legacy(root: Path) -> list[str]:
     except (OSError, ValueError):
         names = []
     removed = []
-    for name in [LEGACY_MANIFEST, *names]:
-        with contextlib.suppress(OSError):
-            (root / name).unlink()
+    for name in names:
+        path = root / name
+        if path.parent != root or path.name in (CURRENT, LOCK, LEASES) or _VERSION.match(path.name):
+            continue  # not a format-1 file
+        try:
+            path.unlink()
             removed.append(name)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return removed  # in use: the next writer tries again
+    with contextlib.suppress(OSError):
+        (root / LEGACY_MANIFEST).unlink()
+        removed.append(LEGACY_MANIFEST)
     return removed
 
 
@@ -213,7 +305,7 @@ _ANY = object()
 
 
 @contextlib.contextmanager
-def new_version(root: str | os.PathLike, expect_current=_ANY):
+def new_version(root: str | os.PathLike, expect_current=_ANY, *, lock_timeout_s: float | None = LOCK_TIMEOUT_S):
     """Write a new version: yields an empty directory; on success it becomes current.
 
     If the body raises (or the process dies), the current version is untouched and
@@ -224,12 +316,18 @@ def new_version(root: str | os.PathLike, expect_current=_ANY):
             (``patchsearch add`` / ``remove``): install only if ``CURRENT`` still names
             it, checked under the writer ``LOCK`` in the same critical section as the
             install, so no other writer's version can be overwritten unseen.
+        lock_timeout_s: how long to wait for another writer's ``LOCK`` (held while it
+            installs and cleans up), seconds; default :data:`LOCK_TIMEOUT_S` (600 s);
+            None waits as long as it takes.
 
     Yields:
         Path of the temporary directory to write the version's files into.
 
     Raises:
         VersionConflict: ``CURRENT`` no longer names ``expect_current`` (nothing installed).
+        LockTimeout: another writer held ``LOCK`` for ``lock_timeout_s`` (nothing installed).
+        PermissionError: Windows kept ``CURRENT`` in use for longer than
+            :data:`patchsearch.files.REPLACE_TIMEOUT_S` (nothing installed).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -240,7 +338,7 @@ def new_version(root: str | os.PathLike, expect_current=_ANY):
     try:
         yield tmp
         fsync_tree(tmp)
-        with FileLock(root / LOCK):
+        with _writer_lock(root, lock_timeout_s):
             now = current_version(root)
             if expect_current is not _ANY and now != expect_current:
                 raise VersionConflict(f"{root}: another writer installed {now} while this update was prepared "
@@ -271,5 +369,10 @@ def install(root: Path, tmp: Path) -> str:
         except FileExistsError:
             number += 1
     fsync_dir(root)
-    atomic_write(root / CURRENT, f"{name}\n".encode("ascii"))
+    try:
+        atomic_write(root / CURRENT, f"{name}\n".encode("ascii"))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rename(root / name, tmp)  # not installed: back to the caller's temporary (else removed as garbage)
+        raise
     return name
