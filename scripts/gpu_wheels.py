@@ -13,6 +13,9 @@ are reassembled and verified there:
     python3 scripts/gpu_wheels.py join --parts .whl/parts --out /tmp/wheels
     python3 scripts/gpu_wheels.py install --wheels /tmp/wheels --target /tmp/site
 
+Wheels small enough to travel whole get a manifest of their own (``manifest --wheels
+DIR``), checked the same way by ``install``.
+
 ``download`` runs ``pip download --no-deps`` for the target machine's Python and
 platform (not this machine's), then reads every wheel's ``Requires-Dist`` and downloads
 what is neither downloaded already nor on the target's list of installed packages
@@ -152,6 +155,20 @@ def split(wheels: list[Path], out: Path, part_bytes: int = PART_MIB * MIB) -> di
     return manifest
 
 
+def write_manifest(wheels: list[Path], out: Path) -> dict:
+    """A manifest of whole wheels carried as they are (no parts), written to
+    ``out/manifest.json``: what :func:`verify_wheels` checks before an install."""
+    entries, offset = [], 0
+    for w in map(Path, wheels):
+        size = w.stat().st_size
+        entries.append({"name": _plain_name(w.name), "size": size, "sha256": sha256_file(w), "offset": offset})
+        offset += size
+    manifest = {"part_bytes": 0, "total_bytes": offset, "wheels": entries, "parts": []}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
+
+
 def read_manifest(parts_dir: Path) -> dict:
     """The manifest of a parts folder.
 
@@ -263,14 +280,18 @@ class _PartReader:
             self.f.close()
 
 
-def verify_wheels(wheels_dir: Path, manifest: dict) -> list[Path]:
-    """Paths of the manifest's wheels in ``wheels_dir``, each checked (size, SHA-256).
+def verify_wheels(wheels_dir: Path, manifest: dict, skip: tuple[str, ...] = ()) -> list[Path]:
+    """Paths of the manifest's wheels in ``wheels_dir``, each checked (size, SHA-256),
+    leaving out the projects named in ``skip``.
 
     Raises:
         CarryError: the first missing or corrupted wheel (named).
     """
     out = []
+    skip = {normalize_name(n) for n in skip}
     for w in manifest["wheels"]:
+        if wheel_project(Path(w["name"])) in skip:
+            continue
         path = wheels_dir / w["name"]
         check_file(path, w["size"], w["sha256"])
         out.append(path)
@@ -444,9 +465,17 @@ def _cmd_join(a) -> int:
     return 0
 
 
+def _cmd_manifest(a) -> int:
+    m = write_manifest(sorted(a.wheels.glob("*.whl")), a.wheels)
+    print(f"{len(m['wheels'])} wheels, {m['total_bytes'] / MIB:.1f} MiB; manifest {a.wheels / MANIFEST}")
+    return 0
+
+
 def _cmd_install(a) -> int:
     manifest = read_manifest(a.parts if a.parts else a.wheels)
-    wheels = verify_wheels(a.wheels, manifest)
+    wheels = verify_wheels(a.wheels, manifest, tuple(a.skip))
+    if not wheels:
+        raise CarryError(f"install: no wheel left to install in {a.wheels}")
     path = install(wheels, a.target)
     print(f"installed {len(wheels)} wheels into {path}")
     print(f"export PYTHONPATH={path}{os.pathsep}${{PYTHONPATH}}")
@@ -474,14 +503,17 @@ def main(argv=None) -> int:
     j = sub.add_parser("join", help="reassemble and verify the wheels")
     j.add_argument("--parts", type=Path, default=Path(".whl/parts"))
     j.add_argument("--out", type=Path, required=True)
+    w = sub.add_parser("manifest", help="write the manifest of whole wheels carried without splitting")
+    w.add_argument("--wheels", type=Path, required=True)
     i = sub.add_parser("install", help="verify and pip install --no-deps --target the wheels")
     i.add_argument("--wheels", type=Path, required=True, help="folder of the reassembled wheels")
     i.add_argument("--parts", type=Path, help="parts folder holding the manifest [the wheels folder]")
     i.add_argument("--target", type=Path, required=True)
+    i.add_argument("--skip", action="append", default=[], help="a project not to install (repeatable)")
     a = ap.parse_args(argv)
     try:
         return {"download": _cmd_download, "split": _cmd_split, "check": _cmd_check, "join": _cmd_join,
-                "install": _cmd_install}[a.cmd](a)
+                "manifest": _cmd_manifest, "install": _cmd_install}[a.cmd](a)
     except CarryError as exc:
         print(f"gpu_wheels {a.cmd}: {exc}", file=sys.stderr)
         return 1

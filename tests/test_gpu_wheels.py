@@ -204,3 +204,16 @@ def test_download_follows_requires_dist_until_nothing_is_missing(tmp_path, monke
     assert calls[0] == ["faiss-gpu-cuvs"] and ["libcuvs-cu13==26.6.*", "librmm-cu13==26.6.*"] in calls
     assert sum(c.count("rapids-logger==0.2.*") for c in calls) == 1
     assert len(list((tmp_path / "d").glob("*.whl"))) == 5
+
+
+def test_whole_wheels_manifest_and_install_skip(tmp_path, capsys):
+    src = tmp_path / "w"
+    src.mkdir()
+    _wheel(src, "keep-me", [])
+    _wheel(src, "faiss-cpu", [])
+    assert gw.main(["manifest", "--wheels", str(src)]) == 0
+    assert gw.main(["install", "--wheels", str(src), "--target", str(tmp_path / "site"), "--skip", "faiss_cpu"]) == 0
+    assert (tmp_path / "site" / "keep_me").is_dir() and not (tmp_path / "site" / "faiss_cpu").exists()
+    (src / "keep_me-1.0-py3-none-any.whl").write_bytes(b"not a wheel")
+    assert gw.main(["install", "--wheels", str(src), "--target", str(tmp_path / "s2")]) == 1
+    assert "keep_me-1.0-py3-none-any.whl: " in capsys.readouterr().err
