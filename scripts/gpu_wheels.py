@@ -465,6 +465,18 @@ def _cmd_join(a) -> int:
     return 0
 
 
+def cuda_lib_dirs() -> list[str]:
+    """The CUDA 13 library folders of this Python's nvidia-* packages (torch's), if any."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    out = []
+    for root in list(nvidia.__path__):
+        out += [str(Path(root) / s / "lib") for s in ("cu13", "nccl") if (Path(root) / s / "lib").is_dir()]
+    return out
+
+
 def _cmd_manifest(a) -> int:
     m = write_manifest(sorted(a.wheels.glob("*.whl")), a.wheels)
     print(f"{len(m['wheels'])} wheels, {m['total_bytes'] / MIB:.1f} MiB; manifest {a.wheels / MANIFEST}")
@@ -479,6 +491,12 @@ def _cmd_install(a) -> int:
     path = install(wheels, a.target)
     print(f"installed {len(wheels)} wheels into {path}")
     print(f"export PYTHONPATH={path}{os.pathsep}${{PYTHONPATH}}")
+    if any(wheel_project(w).startswith("libcuvs") for w in wheels):
+        libs = cuda_lib_dirs()
+        print("# libcuvs finds the CUDA 13 libraries by RPATH beside itself; installed elsewhere, name them:"
+              if libs else "# libcuvs needs the CUDA 13 libraries (nvidia-* packages): none found here")
+        if libs:
+            print(f"export LD_LIBRARY_PATH={os.pathsep.join(libs)}{os.pathsep}${{LD_LIBRARY_PATH}}")
     return 0
 
 

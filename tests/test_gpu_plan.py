@@ -7,13 +7,15 @@ from __future__ import annotations
 import threading
 import time
 
-import faiss as real_faiss
-import numpy as np
-import pytest
+import torch  # noqa: F401  (before faiss: faiss-gpu-cuvs then finds torch's CUDA libraries)
 
-from patchsearch import gpu_placement, ivf, searchers
-from patchsearch.errors import InputError
-from patchsearch.gpu_placement import GPU_MAX_K, GPU_MAX_NPROBE, gpu_plan
+import faiss as real_faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from patchsearch import gpu_placement, ivf, searchers  # noqa: E402
+from patchsearch.errors import InputError  # noqa: E402
+from patchsearch.gpu_placement import GPU_MAX_K, GPU_MAX_NPROBE, gpu_plan  # noqa: E402
 
 # The fields of FAISS's cloner options, from faiss/gpu/GpuClonerOptions.h of
 # facebookresearch/faiss (FAISS 1.15.0, commit 02dbb4e42f49aa2ce57cd78977b0e47a11f7cb91;
