@@ -395,7 +395,7 @@ def download(roots: list[str], dest: Path, python: str, plats: list[str], presen
         have = {wheel_project(w): w for w in dest.glob("*.whl")}
         seen = {r["name"] for r in report}
         wanted = []
-        for proj, wheel in sorted(have.items()):
+        for _, wheel in sorted(have.items()):
             for name, text in wheel_requirements(wheel, env):
                 if name in seen:
                     continue
