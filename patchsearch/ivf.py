@@ -31,6 +31,7 @@ import math
 import numpy as np
 
 from .errors import InputError
+from .gpu_placement import GPU_MAX_K, GPU_MAX_NPROBE, check_gpu_limit
 from .searchers import KnnSearcher, ShardedSearcher, faiss, rerank, shard_bounds
 
 # Sub-quantizer counts (bytes per 8-bit code) and dimensions per sub-quantizer that
@@ -202,20 +203,39 @@ class IVFPQSearcher:
         """Inverted lists visited per query.
 
         Raises:
-            InputError: nprobe outside [1, nlist].
+            InputError: nprobe outside [1, nlist]; on GPUs above
+                :data:`patchsearch.gpu_placement.GPU_MAX_NPROBE`.
         """
         if not 1 <= nprobe <= self.params["nlist"]:
             raise InputError(f"--nprobe {nprobe} must be between 1 and nlist {self.params['nlist']}")
+        if self.sharded.on_gpu:
+            check_gpu_limit("nprobe", nprobe, GPU_MAX_NPROBE)
         self.params["nprobe"] = int(nprobe)
         for s in self.sharded.placed:
             ivf = faiss().try_extract_index_ivf(s)
             (ivf if ivf is not None else s).nprobe = int(nprobe)
 
+    @property
+    def max_nprobe(self) -> int:
+        """The largest nprobe this searcher takes: nlist, at most
+        :data:`~patchsearch.gpu_placement.GPU_MAX_NPROBE` on GPUs."""
+        return min(self.params["nlist"], GPU_MAX_NPROBE) if self.sharded.on_gpu else self.params["nlist"]
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact squared L2 of the best k among ``rerank * k`` candidates (code distances with rerank 0)."""
-        if self.params.get("rerank", 0) <= 0:
+        """Exact squared L2 of the best k among ``rerank * k`` candidates (code distances with rerank 0).
+
+        Raises:
+            InputError: on GPUs, more than :data:`~patchsearch.gpu_placement.GPU_MAX_K`
+                candidates (``rerank * k``) or neighbours (``k``).
+        """
+        r = self.params.get("rerank", 0)
+        if r <= 0:
             return self.sharded.search(queries, k)
-        _, cand = self.sharded.search(queries, min(len(self.bank), k * self.params["rerank"]))
+        c = min(len(self.bank), k * r)
+        if self.sharded.on_gpu:
+            check_gpu_limit("k", k)
+            check_gpu_limit("rerank * k", c, GPU_MAX_K, f"use rerank <= {max(1, GPU_MAX_K // k)} for k = {k}")
+        _, cand = self.sharded.search(queries, c)
         return rerank(queries, self.bank, cand, k)
 
 
@@ -275,10 +295,11 @@ def tune_nprobe(searcher: IVFPQSearcher, queries: np.ndarray | None, target: flo
         return recall_at_k(searcher, bank, queries, self_excluded, truth)
 
     if tune:
-        hi = max(1, nlist // 16) if self_excluded else 1
-        lo = hi - 1  # recall(lo) < target, or lo is below the start; recall(hi) >= target or hi = nlist
-        while hi < nlist and recall_at(hi) < target:
-            lo, hi = hi, min(nlist, hi * 2)
+        top = searcher.max_nprobe  # nlist; on GPUs at most GPU_MAX_NPROBE
+        hi = min(top, max(1, nlist // 16) if self_excluded else 1)
+        lo = hi - 1  # recall(lo) < target, or lo is below the start; recall(hi) >= target or hi = top
+        while hi < top and recall_at(hi) < target:
+            lo, hi = hi, min(top, hi * 2)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if recall_at(mid) >= target else (mid, hi)

@@ -16,12 +16,14 @@ nearest first. Callers (:class:`patchsearch.index.PatchIndex`) take the square r
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from .errors import IndexFormatError, InputError
+from .gpu_placement import check_gpu_limit, gpu_plan, place_on_gpus
 
 INDEX_TYPES = ("flat", "ivf", "ivfpq")
 IVF_TYPES = ("ivf", "ivfpq")  # "ivfpq": the older name of "ivf" (same index, any layout)
@@ -103,25 +105,34 @@ class ShardedSearcher:
         self._resources = []
         placed = shards
         if self.on_gpu:
-            co = f.GpuClonerOptions()
-            if self.is_ivf:
-                co.useFloat16 = shards[0].pq.M > 48  # FAISS GPU: float16 lookup tables beyond 48 bytes
-            self._resources = [f.StandardGpuResources() for _ in range(ngpu)]
-            placed = [f.index_cpu_to_gpu(self._resources[i % ngpu], i % ngpu, s, co) for i, s in enumerate(shards)]
+            plan = gpu_plan(len(shards), ngpu, pq_m=shards[0].pq.M if self.is_ivf else None)
+            placed, self._resources = place_on_gpus(shards, plan, f)
         self.placed = placed
+        # FAISS GPU indexes (their resources) take one calling thread at a time.
+        self._gpu_lock = threading.Lock() if self.on_gpu else None
         if len(placed) == 1:
             self.index = placed[0]
         else:
-            # threaded=True runs GPU shards concurrently; on CPU each shard already
-            # uses every core through OpenMP, so shards run one after the other.
+            # threaded=True runs GPU shards concurrently (each with its own resources,
+            # gpu_plan); on CPU each shard already uses every core through OpenMP, so
+            # shards run one after the other.
             self.index = f.IndexShards(shards[0].d, self.on_gpu, not self.is_ivf)
             for s in placed:
                 self.index.add_shard(s)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 float32 (n, k) and bank rows int64 (n, k) (IVF: PQ-approximate
-        distances, -1 rows where fewer than k candidates were found)."""
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        distances, -1 rows where fewer than k candidates were found).
+
+        Raises:
+            InputError: on GPUs, k above :data:`patchsearch.gpu_placement.GPU_MAX_K`.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if not self.on_gpu:
+            return self.index.search(queries, k)
+        check_gpu_limit("k", k)
+        with self._gpu_lock:
+            return self.index.search(queries, k)
 
 
 class KnnSearcher:
