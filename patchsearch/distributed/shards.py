@@ -27,6 +27,7 @@ import numpy as np
 
 from . import DistributedError, cluster_gpus, connect
 from ..bank import B, MemoryBank, read_bank
+from ..errors import PatchsearchError
 from ..format import check_sizes, read_manifest
 from ..index import PatchIndex
 from ..searchers import ShardedSearcher, faiss, read_shard, rerank, reranked
@@ -137,7 +138,10 @@ class RemoteShardedSearcher:
 
         try:
             return ray.get(refs)
-        except RayActorError:
+        except RayActorError as exc:
+            cause = getattr(exc.args[0] if exc.args else None, "cause", None)
+            if getattr(exc, "actor_init_failed", False) and isinstance(cause, PatchsearchError):
+                raise cause from None  # a shard that cannot load (IndexFormatError): its reason, not "retry"
             dead = []
             for i, ref in enumerate(refs):
                 try:
@@ -248,6 +252,7 @@ class RemotePatchIndex(PatchIndex):
         ray = connect(address)
         path = Path(path)
         lease = open_version(path)
+        actors = []
         try:
             man = read_manifest(lease.path, path)
             check_sizes(lease.path, man)
@@ -273,6 +278,8 @@ class RemotePatchIndex(PatchIndex):
             searcher = RemoteShardedSearcher(actors, bounds, params, str(path))
             searcher._get([a.pid.remote() for a in actors], "loading")  # fail here if a shard cannot load
         except BaseException:
+            for a in actors:  # the shards that did load must not stay behind, holding CPUs
+                ray.kill(a, no_restart=True)
             lease.release()
             raise
         self.manifest, self.path, self._lease, self.searcher = man, path, lease, searcher
