@@ -49,6 +49,8 @@ class PatchIndex:
         memory_bank: the :class:`~patchsearch.bank.MemoryBank`.
         manifest: the :class:`~patchsearch.format.Manifest` (build metadata).
         searcher: the :class:`~patchsearch.searchers.Searcher` answering :meth:`knn`.
+        reranked: True for IVF indexes (approximate candidates re-ranked with exact L2),
+            False for flat: :func:`patchsearch.searchers.reranked` of the manifest's type.
         path: the index directory it was loaded from or saved to, or None.
     """
 
