@@ -311,8 +311,8 @@ class PatchIndex:
 
         Flat: exact. IVF: the ``rerank * k`` candidates re-ranked with exact L2 (the
         distances are the exact L2 of the rows returned; code distances with rerank 0),
-        rows -1 where fewer than k candidates were found (:meth:`search` searches those
-        patches exactly).
+        rows -1 and distance inf where fewer than k candidates were found (:meth:`search`
+        searches those patches exactly).
 
         Raises:
             InputError: not (n, d), NaN/inf values, k outside [1, M].
@@ -325,7 +325,9 @@ class PatchIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         check_finite(queries, "query embeddings")
         d2, rows = self.searcher.search(queries, k)
-        return np.sqrt(np.maximum(d2, 0.0)), rows
+        dist = np.sqrt(np.maximum(d2, 0.0))
+        dist[rows < 0] = np.inf  # no neighbour: FAISS fast-scan shards leave a finite code distance there
+        return dist, rows
 
     def support_sets(self, rows: np.ndarray, b: int = B) -> np.ndarray:
         """N_b(m) for memory-bank rows m (Eq. 7): int64 (n, min(b, M)), m itself first, then
