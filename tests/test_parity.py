@@ -205,6 +205,8 @@ def test_every_index_type_on_every_path_answers_as_local_flat(case, path, flat, 
         s_star = res.distances[ar, res.top_patches, 0]
         expect = reweighted_scores(QUERIES[ar, res.top_patches], s_star, flat_index.support_sets(m_star), BANK)
         np.testing.assert_allclose(res.image_scores, expect, **TOL)
+        agree = (res.top_patches == want.top_patches) & (m_star == want.locations[ar, want.top_patches, 0])
+        np.testing.assert_allclose(res.image_scores[agree], want.image_scores[agree], **TOL)  # same m*: same score
         # Ray answers what the local index answers from the same shard files (which of the
         # rows tied in code distance at the candidate cut-off are kept depends on the shard
         # count, so one and two local shards are each held to the checks above)
