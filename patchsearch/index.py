@@ -49,6 +49,8 @@ class PatchIndex:
         memory_bank: the :class:`~patchsearch.bank.MemoryBank`.
         manifest: the :class:`~patchsearch.format.Manifest` (build metadata).
         searcher: the :class:`~patchsearch.searchers.Searcher` answering :meth:`knn`.
+        reranked: True for IVF indexes (approximate candidates re-ranked with exact L2),
+            False for flat: :func:`patchsearch.searchers.reranked` of the manifest's type.
         path: the index directory it was loaded from or saved to, or None.
     """
 
@@ -60,17 +62,26 @@ class PatchIndex:
         self.manifest = manifest
         self.path: Path | None = None
         self._lease = lease
+        # approximate candidates that need exact re-ranking (the manifest's type, checked
+        # against the shard files): searchers.reranked, asked by RemotePatchIndex too
+        self.reranked = searchers.reranked(manifest.index.get("type"), shards[0],
+                                           str(lease.path) if lease is not None else "the index")
         self._sharded = searchers.ShardedSearcher(shards, gpu=gpu)
         self.searcher = self._sharded
-        self._support_cache: OrderedDict = OrderedDict()  # (bank row, b) -> int64 (b,)
-        self._support_lock = threading.Lock()
-        self._exact_bank = None  # searchers.KnnSearcher over the bank, made on first need
-        if self._sharded.is_ivf:
+        self._init_search_state()
+        if self.reranked:
             self.searcher = ivf.IVFPQSearcher(self._sharded, self.bank, manifest.index["params"])
         elif not self._sharded.on_gpu and exact == "int8":
             from .int8 import Int8Searcher
 
             self.searcher = Int8Searcher(self.bank, self._sharded)  # codes built on first search
+
+    def _init_search_state(self) -> None:
+        """The support-set cache and the lazily made exact searcher (subclasses that do not
+        run ``__init__`` call this)."""
+        self._support_cache: OrderedDict = OrderedDict()  # (bank row, b) -> int64 (b,)
+        self._support_lock = threading.Lock()
+        self._exact_bank = None  # exact searcher for IVF indexes (_exact), made on first need
 
     # construction -------------------------------------------------------------------
     @classmethod
@@ -121,7 +132,7 @@ class PatchIndex:
         bank = check_embeddings(bank)
         searchers.check_index_type(index)
         params = {}
-        if index in searchers.IVF_TYPES:
+        if searchers.reranked(index):
             params = ivf.auto_params(len(bank), bank.shape[1], nlist, pq_m, pq_bits, nprobe, rerank, layout)
             built = ivf.build_shards(bank, shards, params, seed=seed)
         else:
@@ -129,12 +140,12 @@ class PatchIndex:
         man = Manifest(embedding_dim=int(bank.shape[1]), memory_bank={"file": BANK_FILE, "size": len(bank)},
                        index={"type": index, "metric": "L2", "params": params}, **(manifest or {}))
         out = cls(MemoryBank(bank, sources, images), built, man, gpu=gpu, exact=exact)
-        if index in searchers.IVF_TYPES:
+        if out.reranked:
             man.index["params"] = ivf.tune_nprobe(out.searcher, recall_queries, target_recall, tune=nprobe is None,
                                                   seed=seed)
         if support_sets not in (True, False, "auto", "always"):
             raise InputError(f"support_sets must be True, False, 'auto' or 'always', got {support_sets!r}")
-        cheap = index == "flat" and float(len(bank)) ** 2 * bank.shape[1] <= SUPPORT_GRAPH_MAX_FLOPS
+        cheap = not out.reranked and float(len(bank)) ** 2 * bank.shape[1] <= SUPPORT_GRAPH_MAX_FLOPS
         if support_sets == "always" or (support_sets in (True, "auto") and cheap):
             exact_searcher = searchers.KnnSearcher(bank) if not out._sharded.on_gpu else \
                 searchers.ShardedSearcher(searchers.build_flat_shards(bank), gpu=True)
@@ -272,7 +283,7 @@ class PatchIndex:
     @property
     def index_type(self) -> str:
         """``"flat"``, or the IVF name it was built with (``"ivf"``, or ``"ivfpq"`` as before)."""
-        return self.manifest.index.get("type", "ivf") if self._sharded.is_ivf else "flat"
+        return self.manifest.index.get("type") or ("ivf" if self.reranked else "flat")
 
     @property
     def params(self) -> dict:
@@ -298,8 +309,10 @@ class PatchIndex:
     def knn(self, queries: np.ndarray, k: int = K) -> tuple[np.ndarray, np.ndarray]:
         """k nearest memory-bank rows: (L2 distances float32 (n, k), rows int64 (n, k)).
 
-        Flat: exact. IVF-PQ: the ``rerank * k`` candidates re-ranked with exact L2
-        (rows -1 where fewer than k candidates were found).
+        Flat: exact. IVF: the ``rerank * k`` candidates re-ranked with exact L2 (the
+        distances are the exact L2 of the rows returned; code distances with rerank 0),
+        rows -1 and distance inf where fewer than k candidates were found (:meth:`search`
+        searches those patches exactly).
 
         Raises:
             InputError: not (n, d), NaN/inf values, k outside [1, M].
@@ -312,7 +325,9 @@ class PatchIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         check_finite(queries, "query embeddings")
         d2, rows = self.searcher.search(queries, k)
-        return np.sqrt(np.maximum(d2, 0.0)), rows
+        dist = np.sqrt(np.maximum(d2, 0.0))
+        dist[rows < 0] = np.inf  # no neighbour: FAISS fast-scan shards leave a finite code distance there
+        return dist, rows
 
     def support_sets(self, rows: np.ndarray, b: int = B) -> np.ndarray:
         """N_b(m) for memory-bank rows m (Eq. 7): int64 (n, min(b, M)), m itself first, then
@@ -356,7 +371,7 @@ class PatchIndex:
 
     def _exact(self):
         """An exact searcher over the memory bank: the index's own for flat, else ``faiss.knn``."""
-        if not self._sharded.is_ivf:
+        if not self.reranked:
             return self.searcher
         if self._exact_bank is None:
             self._exact_bank = searchers.KnnSearcher(self.bank)

@@ -50,6 +50,37 @@ def check_index_type(index_type: str) -> str:
     return index_type
 
 
+def reranked(index_type: str | None, shard=None, where: str = "the index") -> bool:
+    """Whether an index type's FAISS shards give approximate candidates (compressed-code
+    distances) that must be re-ranked with exact L2 against the memory bank: True for
+    :data:`IVF_TYPES`, False for ``"flat"`` (exact). The one place that decides it, for
+    the local :class:`~patchsearch.index.PatchIndex` and the Ray shard actors alike.
+
+    Args:
+        index_type: the manifest's index type; None (not recorded): read off ``shard``.
+        shard: a FAISS shard of the index, if at hand: it must be of that kind (IVF for
+            the IVF types, not IVF for flat).
+        where: the index or shard file, for messages.
+
+    Raises:
+        IndexFormatError: an index type this patchsearch does not know, or a shard of the
+            other kind (the manifest and the shard files disagree).
+    """
+    is_ivf = None if shard is None else faiss().try_extract_index_ivf(shard) is not None
+    if index_type is None:
+        if is_ivf is None:
+            raise IndexFormatError(f"{where}: the manifest records no index type")
+        return is_ivf
+    if index_type not in INDEX_TYPES:
+        raise IndexFormatError(f"{where}: unknown index type {index_type!r} (this patchsearch knows "
+                               f"{', '.join(INDEX_TYPES)})")
+    approximate = index_type in IVF_TYPES
+    if is_ivf is not None and is_ivf != approximate:
+        raise IndexFormatError(f"{where}: the manifest says index type {index_type!r}, but the shard files hold "
+                               f"{'IVF' if is_ivf else 'flat'} indexes; rebuild the index")
+    return approximate
+
+
 def num_gpus() -> int:
     """Number of GPUs faiss can use (0 with faiss-cpu)."""
     f = faiss()

@@ -150,22 +150,27 @@ def test_killed_worker_past_retries_leaves_current_version(cluster, data, local,
     after.close()
 
 
-@pytest.fixture(scope="module", params=["flat", "ivfpq"])
+SERVED = {"flat": {"index": "flat"},
+          "ivfpq": {"index": "ivfpq", "nlist": 16, "pq_m": 8},  # the older type name, 8-bit PQ
+          "ivf": {"index": "ivf", "nlist": 16},  # the default layout (RaBitQ fast scan)
+          "ivf-fewer-than-k": {"index": "ivf", "nlist": 256, "nprobe": 1}}  # lists of ~12 rows, 1 probed
+
+
+@pytest.fixture(scope="module", params=list(SERVED))
 def served(request, tmp_path_factory):
-    """A 2-shard index of random embeddings saved to disk, and queries."""
+    """A 2-shard index of random embeddings saved to disk, queries, and the case's name."""
     rng = np.random.default_rng(0)
     bank = rng.standard_normal((3000, 32)).astype(np.float32)
-    index = PatchIndex.from_embeddings(bank, shards=2, index=request.param, exact="faiss", gpu=False,
-                                       **({"nlist": 16, "pq_m": 8} if request.param == "ivfpq" else {}))
+    index = PatchIndex.from_embeddings(bank, shards=2, exact="faiss", gpu=False, **SERVED[request.param])
     path = tmp_path_factory.mktemp(request.param) / "idx"
     index.save(path)
-    return path, rng.standard_normal((5, 40, 32)).astype(np.float32)
+    return path, rng.standard_normal((5, 40, 32)).astype(np.float32), request.param
 
 
 def test_remote_shards_equal_local_search(cluster, served):
     from patchsearch.distributed.shards import RemotePatchIndex
 
-    path, patches = served
+    path, patches, name = served
     local = PatchIndex.load(path, gpu=False, exact="faiss")
     remote = RemotePatchIndex(path, address=cluster.address)
     try:
@@ -175,9 +180,17 @@ def test_remote_shards_equal_local_search(cluster, served):
         dl, rl = local.knn(q, 9)
         dr, rr = remote.knn(q, 9)
         assert np.array_equal(rl, rr) and np.array_equal(dl, dr)
-        assert np.array_equal(local.support_sets(rl[:, 0]), remote.support_sets(rr[:, 0]))
-        a, b = local.search(patches), remote.search(patches)
+        short = (rl < 0).any(axis=1)  # patches with fewer than 9 IVF candidates
+        assert short.any() == (name == "ivf-fewer-than-k")
+        found = rl[:, 0] >= 0
+        assert np.array_equal(local.support_sets(rl[found, 0]), remote.support_sets(rr[found, 0]))
+        if local.index_type != "flat":  # re-ranked: the exact L2 of the rows returned
+            direct = np.sqrt(((np.asarray(local.bank)[rl[found]] - q[found, None, :]) ** 2).sum(-1))
+            np.testing.assert_allclose(dr[found][rr[found] >= 0], direct[rr[found] >= 0], rtol=1e-5, atol=1e-5)
+        a, b = local.search(patches), remote.search(patches)  # fewer than 9 candidates: searched exactly
+        assert (b.locations >= 0).all()
         assert np.array_equal(a.image_scores, b.image_scores) and np.array_equal(a.locations, b.locations)
+        assert np.array_equal(a.distances, b.distances)
         assert np.array_equal(remote.bank[rr[:3]], local.bank[rl[:3]])
         assert remote.describe_locations(rr[0, :2]) == local.describe_locations(rl[0, :2])
     finally:
@@ -187,7 +200,7 @@ def test_remote_shards_equal_local_search(cluster, served):
 def test_killed_shard_actor_restarts_from_its_file(cluster, served):
     from patchsearch.distributed.shards import RemotePatchIndex, ShardUnavailableError
 
-    path, patches = served
+    path, patches, name = served
     q = patches.reshape(-1, 32)
     local = PatchIndex.load(path, gpu=False, exact="faiss")
     want = local.knn(q, 9)
@@ -209,6 +222,35 @@ def test_killed_shard_actor_restarts_from_its_file(cluster, served):
         assert ray.get(remote.shards[1].pid.remote()) != old  # restarted in a new process
     finally:
         remote.close(), local.close()
+
+
+@pytest.mark.parametrize("damage", ["corrupted shard", "type contradicts shards"])
+def test_shard_that_cannot_load_says_why_and_leaves_no_actor(cluster, tmp_path, damage):
+    """A shard actor that cannot load its shard gives its IndexFormatError (not "died ...
+    retry"), and the actors that did load are stopped (their CPUs free again)."""
+    import json
+
+    from patchsearch.distributed.shards import RemotePatchIndex
+    from patchsearch.errors import IndexFormatError
+
+    bank = np.random.default_rng(1).standard_normal((1000, 16)).astype(np.float32)
+    PatchIndex.from_embeddings(bank, shards=2, index="ivf", nlist=8, gpu=False).save(tmp_path / "idx")
+    version = tmp_path / "idx/v000001"
+    if damage == "corrupted shard":  # shard 1 only, same size: shard 0 loads
+        shard = version / "shard_001.faiss"
+        shard.write_bytes(b"\0" * shard.stat().st_size)
+        want = "shard_001.faiss: corrupted FAISS index file"
+    else:
+        body = json.loads((version / "manifest.json").read_text())
+        body["index"]["type"] = "flat"
+        (version / "manifest.json").write_text(json.dumps(body))
+        want = "the manifest says index type 'flat', but the shard files hold IVF"
+    with pytest.raises(IndexFormatError, match=want):
+        RemotePatchIndex(tmp_path / "idx", address=cluster.address)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2  # no shard actor left behind
 
 
 def test_import_patchsearch_imports_no_ray():

@@ -236,3 +236,19 @@ def test_hnsw_coarse_quantizer_for_large_nlist(monkeypatch):
     quantizer = faiss.downcast_index(faiss.extract_index_ivf(index.shards[0]).quantizer)
     assert type(quantizer).__name__ == "IndexHNSWFlat"
     assert index.params["recall_at_9"] >= 0.97 or index.params["nprobe"] == 32
+
+
+@pytest.mark.parametrize("layout", ["pqfs", "rabitqfs"])
+def test_missing_neighbours_have_no_distance(layout):
+    """Rows -1 (fewer than k IVF candidates) come with distance inf, whatever the layout,
+    shard count or rerank (PQ fast-scan shards leave a finite code distance there)."""
+    rng = np.random.default_rng(5)
+    bank = rng.standard_normal((1200, 32)).astype(np.float32)
+    q = rng.standard_normal((300, 32)).astype(np.float32)
+    for rerank in (0, 2):
+        for shards in (1, 2):
+            index = PatchIndex.from_embeddings(bank, shards=shards, index="ivf", layout=layout, nlist=128, nprobe=1,
+                                               rerank=rerank, support_sets=False, gpu=False)
+            dist, rows = index.knn(q, 9)
+            assert (rows < 0).any() and (rows >= 0).any()
+            assert np.isinf(dist[rows < 0]).all() and np.isfinite(dist[rows >= 0]).all(), (rerank, shards)

@@ -164,3 +164,18 @@ def test_import_and_search_without_torch():
             "assert 'ray' not in sys.modules, 'ray imported'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("built,says", [("ivf", "flat"), ("flat", "ivf"), ("flat", "hnsw")])
+def test_manifest_type_must_match_the_shard_files(tmp_path, built, says):
+    """The manifest's index type decides re-ranking (local and Ray alike): one that the shard
+    files contradict is refused, never searched as the other kind."""
+    bank = _bank(1000, 8)
+    PatchIndex.from_embeddings(bank, shards=2, index=built, **({"nlist": 8} if built == "ivf" else {})).save(
+        tmp_path / "idx")
+    man = tmp_path / "idx/v000001/manifest.json"
+    body = json.loads(man.read_text())
+    body["index"]["type"] = says
+    man.write_text(json.dumps(body))
+    with pytest.raises(IndexFormatError, match=f"index type '{says}'"):
+        PatchIndex.load(tmp_path / "idx")

@@ -2,11 +2,13 @@
 
 Each :class:`ShardActor` loads one shard file of an index version (``shard_NNN.faiss``) and
 the memory-bank rows of its range [start, stop) (flat shards: contiguous rows, local ids;
-IVF-PQ shards: the same range, bank-row ids), with their precomputed support sets. A search
+IVF shards: the same range, bank-row ids), with their precomputed support sets. A search
 sends the queries to every actor and merges their sorted lists with
 ``faiss.merge_knn_results`` (the merge ``faiss.IndexShards`` runs, same tie rule), so a flat
 index answers exactly what a local :class:`~patchsearch.searchers.ShardedSearcher` answers.
-IVF-PQ: the ``rerank * k`` PQ candidates are merged the same way, then each actor computes
+IVF (every layout, whether the manifest says ``ivf`` or ``ivfpq``:
+:func:`patchsearch.searchers.reranked` decides, as for the local index): the ``rerank * k``
+code-distance candidates are merged the same way, then each actor computes
 the exact squared L2 of the candidates it holds (:func:`patchsearch.searchers.rerank`) and
 those lists are merged to the exact top k. Eq. 7's support sets and the bank rows it
 needs come from the actors that hold them; the bank never travels to the caller.
@@ -24,10 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from . import DistributedError, cluster_gpus, connect
-from ..bank import B, MemoryBank, read_bank, support_from_neighbours
+from ..bank import B, MemoryBank, read_bank
+from ..errors import PatchsearchError
 from ..format import check_sizes, read_manifest
 from ..index import PatchIndex
-from ..searchers import ShardedSearcher, faiss, read_shard, rerank
+from ..searchers import ShardedSearcher, faiss, read_shard, rerank, reranked
 from ..versions import open_version
 
 
@@ -42,7 +45,7 @@ class ShardActor:
         version_dir: the version directory (``<index-dir>/<category>/vNNNNNN``), on storage
             this node mounts.
         shard: the shard's number in the manifest.
-        nprobe: IVF-PQ override of the stored nprobe.
+        nprobe: IVF override of the stored nprobe.
 
     Raises:
         IndexFormatError: missing or inconsistent files.
@@ -54,6 +57,7 @@ class ShardActor:
         entry = man.index["shards"][shard]
         self.start, self.stop = int(entry["start"]), int(entry["stop"])
         index = read_shard(base / entry["file"], man.embedding_dim, self.stop - self.start)
+        reranked(man.index.get("type"), index, str(base / entry["file"]))  # manifest and shard file agree
         self.searcher = ShardedSearcher([index])
         self.is_ivf = self.searcher.is_ivf
         if self.is_ivf:
@@ -113,13 +117,14 @@ class ShardActor:
 class RemoteShardedSearcher:
     """:class:`~patchsearch.searchers.Searcher` over shard actors: ``search(queries float32
     (n, d), k) -> (squared L2 float32 (n, k), bank rows int64 (n, k))``, equal to a local
-    ``faiss.IndexShards`` search over the same shard files (flat), or to the local IVF-PQ
+    ``faiss.IndexShards`` search over the same shard files (flat), or to the local IVF
     search with exact re-ranking (:class:`patchsearch.ivf.IVFPQSearcher`).
 
     Args:
         actors: one :class:`ShardActor` handle per shard, in shard order.
         bounds: [start, stop) bank rows of each.
-        params: IVF-PQ parameters (with ``rerank``), or {} for flat.
+        params: IVF parameters (with ``rerank``: candidates re-ranked exactly, 0 = code
+            distances) where :func:`patchsearch.searchers.reranked`, {} for flat.
         where: the index directory, for messages.
     """
 
@@ -133,7 +138,10 @@ class RemoteShardedSearcher:
 
         try:
             return ray.get(refs)
-        except RayActorError:
+        except RayActorError as exc:
+            cause = getattr(exc.args[0] if exc.args else None, "cause", None)
+            if getattr(exc, "actor_init_failed", False) and isinstance(cause, PatchsearchError):
+                raise cause from None  # a shard that cannot load (IndexFormatError): its reason, not "retry"
             dead = []
             for i, ref in enumerate(refs):
                 try:
@@ -152,10 +160,10 @@ class RemoteShardedSearcher:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         ray = connect(None)
         q = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
-        rr = self.params.get("rerank", 0)
-        c = min(self.size, k * rr) if self.params and rr > 0 else k
+        rr = self.params.get("rerank", 0) if self.params else 0
+        c = min(self.size, k * rr) if rr > 0 else k
         d2, ids = self._merge(self._get([a.search.remote(q, c) for a in self.actors], "a search"))
-        if c == k:
+        if rr <= 0:  # flat (exact), or IVF asked for code distances; else re-rank, also when c == k
             return d2, ids
         cand = ray.put(ids)
         return self._merge(self._get([a.exact.remote(q, cand, k) for a in self.actors], "re-ranking"))
@@ -212,6 +220,13 @@ class _RemoteRows:
         return self.searcher.embeddings(key).reshape(*key.shape, self.shape[1])
 
 
+class _ExactSearch:
+    """:class:`~patchsearch.searchers.Searcher` of the exact search over the shard actors."""
+
+    def __init__(self, searcher: RemoteShardedSearcher):
+        self.search = searcher.exact_search
+
+
 class RemotePatchIndex(PatchIndex):
     """:class:`~patchsearch.index.PatchIndex` whose shards and memory-bank rows live in Ray
     shard actors (one per shard file; a GPU each where the cluster has GPUs).
@@ -223,7 +238,7 @@ class RemotePatchIndex(PatchIndex):
     Args:
         path: the index directory; its current version is leased until :meth:`close`.
         address: the Ray cluster (:func:`patchsearch.distributed.connect`).
-        nprobe: IVF-PQ override of the stored nprobe.
+        nprobe: IVF override of the stored nprobe.
         max_restarts: restarts of a dead shard actor (-1: always).
         num_cpus: CPUs each shard actor reserves.
 
@@ -237,6 +252,7 @@ class RemotePatchIndex(PatchIndex):
         ray = connect(address)
         path = Path(path)
         lease = open_version(path)
+        actors = []
         try:
             man = read_manifest(lease.path, path)
             check_sizes(lease.path, man)
@@ -249,50 +265,52 @@ class RemotePatchIndex(PatchIndex):
             sources = None if local.sources is None else {k: np.array(v) for k, v in local.sources.items()}
             del local
             bounds = [(int(s["start"]), int(s["stop"])) for s in man.index["shards"]]
-            params = man.index.get("params") or {}
+            approximate = reranked(man.index.get("type"), where=str(path))  # each actor checks its shard file
+            params = (man.index.get("params") or {}) if approximate else {}
             if nprobe is not None:
                 if not params or not 1 <= nprobe <= params["nlist"]:
-                    raise DistributedError(f"--nprobe {nprobe} applies to IVF-PQ indexes, between 1 and nlist")
+                    raise DistributedError(f"--nprobe {nprobe} applies to IVF indexes, between 1 and nlist")
                 params = {**params, "nprobe": int(nprobe)}
             actor = ray.remote(ShardActor).options(num_cpus=num_cpus, num_gpus=1 if cluster_gpus(ray) else 0,
                                                    max_restarts=max_restarts, max_task_retries=0)
             actors = [actor.remote(str(lease.path), i, params.get("nprobe")) for i in range(len(bounds))]
             self._actors = actors
-            searcher = RemoteShardedSearcher(actors, bounds, params if man.index["type"] == "ivfpq" else {},
-                                             str(path))
+            searcher = RemoteShardedSearcher(actors, bounds, params, str(path))
             searcher._get([a.pid.remote() for a in actors], "loading")  # fail here if a shard cannot load
         except BaseException:
+            for a in actors:  # the shards that did load must not stay behind, holding CPUs
+                ray.kill(a, no_restart=True)
             lease.release()
             raise
         self.manifest, self.path, self._lease, self.searcher = man, path, lease, searcher
+        self.reranked = approximate
+        self._init_search_state()
         self._support_b = (man.memory_bank or {}).get("support_b")
         self.memory_bank = MemoryBank(_RemoteRows(searcher, man.embedding_dim), sources, images)
 
     def support_sets(self, rows: np.ndarray, b: int = B) -> np.ndarray:
         """N_b(m) of bank rows m (see :meth:`PatchIndex.support_sets`), from the actors'
-        precomputed support sets where they have this b, else by an exact search: the flat
-        shards' own, or for IVF the actors' brute force over their rows
-        (:meth:`RemoteShardedSearcher.exact_search`), so N_b stays exact as in the local index."""
-        rows = np.asarray(rows, dtype=np.int64)
-        b = min(b, self.size)
-        if self._support_b == b:
+        precomputed support sets where they have this b, else as the local index computes
+        them (cached; an exact search of the rows fetched from the actors, :meth:`_exact`)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        inside = not rows.size or (rows.min() >= 0 and rows.max() < self.size)  # else the InputError below
+        if inside and self._support_b == min(b, self.size):
             got = self.searcher.support_sets(rows)
             if got is not None:
                 return got
-        if self.searcher.params:  # IVF: its candidates are approximate
-            _, nn = self.searcher.exact_search(self.bank[rows], min(b + 1, self.size))
-        else:
-            _, nn = self.knn(self.bank[rows], min(b + 1, self.size))
-        return support_from_neighbours(rows, nn, b)
+        return super().support_sets(rows, b)
+
+    def _exact(self):
+        """An exact searcher over the memory bank: the flat shards' own fan-out, or for IVF
+        the actors' brute force over their rows (:meth:`RemoteShardedSearcher.exact_search`),
+        as the local index (:meth:`PatchIndex._exact`): N_b(m*) and the patches with fewer
+        than k IVF candidates stay exact."""
+        return _ExactSearch(self.searcher) if self.reranked else self.searcher
 
     @property
     def shards(self) -> list:
         """The shard actor handles."""
         return list(self._actors)
-
-    @property
-    def index_type(self) -> str:
-        return self.manifest.index["type"]
 
     @property
     def params(self) -> dict:
