@@ -33,11 +33,13 @@ CONFLICT = re.compile(r"^error: .*another writer installed (v\d{6}) .*run it aga
 WORKER = r"""
 import json, sys, time
 from pathlib import Path
+import torch
 from click.testing import CliRunner
 import patchsearch.features as features
 import patchsearch.versions as versions
 from patchsearch.cli import main
 
+torch.set_num_threads(1)  # tiny frames: one thread, no spinning against the test process
 real_embedder, loaded = features.PatchEmbedder, {}
 
 
@@ -135,7 +137,9 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embedders():
-    """Backbones loaded once for the writers run in this process."""
+    """Backbones loaded once for the writers run in this process (one torch thread: tiny frames)."""
+    import torch
+
     import patchsearch.features as features
 
     real, loaded = features.PatchEmbedder, {}
@@ -146,9 +150,11 @@ def embedders():
             loaded[key] = real(*args, **kwargs)
         return loaded[key]
 
-    mp = pytest.MonkeyPatch()
+    mp, threads = pytest.MonkeyPatch(), torch.get_num_threads()
     mp.setattr(features, "PatchEmbedder", embedder)
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     mp.undo()
 
 
