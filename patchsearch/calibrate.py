@@ -88,7 +88,8 @@ def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source:
     out = {"image": fit_threshold(res.image_scores, target_fpr, margin),
            "pixel": fit_pixel_threshold(res.anomaly_maps, target_fpr, margin),
            "min_region_area": int(min_region_area), "source": source,
-           "images": [relative_path(p, root) for p in good], "images_root": images_root(root), "scores": [round(float(s), 6) for s in res.image_scores],
+           "images": [relative_path(p, root) for p in good], "images_root": images_root(root),
+           "scores": [round(float(s), 6) for s in res.image_scores],
            **frame_bounds(res)}
     if defects:
         bad = query(index, defects, batch_size=batch_size, maps=False)

@@ -253,7 +253,8 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
             index_params = kept_ivf_params(old.index.get("params") or {}, index_params,
                                            same_bank=coreset_ratio == old.coreset["ratio"])
         why = None if (coreset_ratio, seed) == (old.coreset["ratio"], old.coreset["seed"]) else \
-            f"the coreset changes (ratio {old.coreset['ratio']} -> {coreset_ratio}, seed {old.coreset['seed']} -> {seed})"
+            f"the coreset changes (ratio {old.coreset['ratio']} -> {coreset_ratio}, " \
+            f"seed {old.coreset['seed']} -> {seed})"
         if old.calibration and why and (problem := refit_problem(old.calibration, data_root)):  # before the work
             raise InputError(f"{why}, so its thresholds must be re-fitted, and {problem}; nothing was installed")
         meta = {"category": old.category, "backbone": old.backbone, "geometry": old.geometry, "grid": old.grid,

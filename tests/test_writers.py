@@ -268,12 +268,14 @@ def test_calibrate_frames_are_found_again_by_add(base, embedders, tmp_path):
             r = _cli("calibrate", "--category", "widget", "--index-dir", idx, "--data-root", root,
                      "--good", data / "test/good")
             assert r.exit_code == 0, r.output
+            assert PatchIndex.load(idx / "widget").manifest.calibration["images"][0] == "test/good/000.png"
         else:
             from patchsearch.calibrate import calibrate
 
             calibrate(idx / "widget", sorted((data / "test/good").glob("*.png"))).close()
+        # relative to the data root where recorded so, else found where they were recorded
         r = _cli("add", data / "line/add_0.png", "--category", "widget", "--index-dir", idx,
-                 "--data-root", tmp_path / "elsewhere")
+                 "--data-root", root if with_root else tmp_path / "elsewhere")
         assert r.exit_code == 0, r.output
         index = PatchIndex.load(idx / "widget")
         note = index.manifest.extra["history"][-1]["calibration"]
