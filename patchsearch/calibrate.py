@@ -5,7 +5,9 @@ aside: kept out of the patch store and the memory bank, and scored with the buil
 index; :func:`fit_calibration` fits the image and pixel thresholds from those good
 scores alone by the rule of :mod:`patchsearch.thresholds`. :func:`calibrate`
 re-fits them later from new good frames (frames from the line, a validation set),
-installing a new version that shares every other file with the current one.
+installing a new version that shares every other file with the one it read (and refusing,
+``VersionConflict``, where another writer installed a version meanwhile). Re-fits after the
+bank changed (add, remove, rebuild): :mod:`patchsearch.refit`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 from .errors import InputError
 from .index import PatchIndex
+from .refit import images_root
 from .store import relative_path
 from .versions import new_version, tidy
 
@@ -64,7 +67,9 @@ def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source:
     Returns:
         the manifest's ``calibration`` record: {"image", "pixel" (each
         :func:`~patchsearch.calibrate.fit_threshold`'s dict), "min_region_area",
-        "source", "images" (paths relative to ``root``), "scores", "patch_max",
+        "source", "images" (POSIX paths relative to ``root``, absolute for a frame not below
+        it), "images_root" (``root``, absolute POSIX: where
+        :func:`patchsearch.refit.calibration_frames` finds them again), "scores", "patch_max",
         "pixel_max" (see :func:`frame_bounds`), "f1_optimal"}.
 
     Raises:
@@ -83,7 +88,8 @@ def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source:
     out = {"image": fit_threshold(res.image_scores, target_fpr, margin),
            "pixel": fit_pixel_threshold(res.anomaly_maps, target_fpr, margin),
            "min_region_area": int(min_region_area), "source": source,
-           "images": [relative_path(p, root) for p in good], "scores": [round(float(s), 6) for s in res.image_scores],
+           "images": [relative_path(p, root) for p in good], "images_root": images_root(root),
+           "scores": [round(float(s), 6) for s in res.image_scores],
            **frame_bounds(res)}
     if defects:
         bad = query(index, defects, batch_size=batch_size, maps=False)
@@ -98,19 +104,28 @@ def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source:
 
 def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Sequence[Path] | None = None,
               target_fpr: float | None = None, margin: float | None = None, min_region_area: int | None = None,
-              pick: str = "fpr", batch_size: int = 16, log: Callable[[str], None] = lambda msg: None) -> PatchIndex:
+              pick: str = "fpr", batch_size: int = 16, data_root: str | os.PathLike | None = None,
+              log: Callable[[str], None] = lambda msg: None) -> PatchIndex:
     """Re-fit an index's thresholds from new good frames (and optionally defect frames),
-    installing a new version that shares every other file with the current one.
+    installing a new version that shares every other file with the version it read.
 
     Args:
         good: good frames (not in the memory bank: frames from the line, a validation set).
         defects: defect frames, for the F1-optimal threshold (reported; used with ``pick="f1"``).
         target_fpr, margin: the rule of :func:`patchsearch.calibrate.fit_threshold`.
         min_region_area: smallest reported defect region (frame pixels) [as before].
+        data_root: the good frames are recorded relative to it where they lie below it, else
+            as absolute paths (default: relative to their common folder); either way the
+            folder is recorded, so ``add``, ``remove`` and ``rebuild`` find them again.
+
+    Returns:
+        the current version, loaded, after the install.
 
     Raises:
         InputError: unreadable frames, too few good frames, bad options.
         IndexFormatError: no index.
+        VersionConflict: another writer installed a version after this one read its own
+            (nothing installed: the thresholds were fitted on a bank that is no longer current).
     """
     from .format import write_manifest
 
@@ -118,11 +133,12 @@ def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Se
     index = PatchIndex.load(index_dir)
     try:
         old = (index.manifest.calibration or {}).get("min_region_area", 0)
-        root = Path(os.path.commonpath([Path(os.path.abspath(p)).parent for p in good]))
+        root = Path(data_root) if data_root is not None else \
+            Path(os.path.commonpath([Path(os.path.abspath(p)).parent for p in good]))
         cal = fit_calibration(index, [Path(p) for p in good], root, f"patchsearch calibrate ({len(good)} good frames)",
                               target_fpr, margin, old if min_region_area is None else min_region_area, batch_size,
                               defects, pick)
-        with new_version(index_dir) as tmp:
+        with new_version(index_dir, expect_current=index.version) as tmp:
             for name in index.manifest.files:
                 try:
                     os.link(index.directory / name, tmp / name)

@@ -178,15 +178,25 @@ def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, 
 @click.option("--seed", type=int, default=None, help="[as before]")
 @click.option("--shards", type=click.IntRange(min=1), default=None, help="[as before]")
 @_index_options
+@_data_root_option
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="the state-dict file the index was built with (to re-fit the thresholds)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @_friendly
 def rebuild(category, index_dir, coreset_ratio, seed, shards, index_type, layout, nlist, pq_m, pq_bits, nprobe,
-            rerank):
-    """Rebuild CATEGORY's index from its Arrow patch store (no images, no backbone)."""
+            rerank, data_root, weights, batch_size):
+    """Rebuild CATEGORY's index from its Arrow patch store (no training images).
+
+    Where the memory bank changes, the thresholds are re-fitted on the recorded held-aside
+    good frames (under --data-root, else where they were recorded), with the backbone; where
+    they cannot be, nothing is installed and the error says why.
+    """
     from .pipeline import rebuild as run_rebuild
 
     index = run_rebuild(index_dir / category, coreset_ratio=coreset_ratio, seed=seed, shards=shards,
                         index=index_type, index_params=_index_params(nlist, pq_m, pq_bits, nprobe, rerank, layout),
-                        progress=sys.stderr.isatty(), log=lambda m: click.echo(m, err=True))
+                        data_root=_data_root(data_root) / category, weights=str(weights) if weights else None,
+                        batch_size=batch_size, progress=sys.stderr.isatty(), log=lambda m: click.echo(m, err=True))
     click.echo(_summary(index))
 
 
@@ -282,17 +292,24 @@ def _unique(path: Path, taken: set) -> Path:
               help="fpr: the rule on good frames; f1: the F1-optimal threshold on --good and --defect")
 @click.option("--min-region-area", type=click.IntRange(min=0), default=None, help="[as before]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@_data_root_option
 @_friendly
-def calibrate(category, index_dir, good, defect, target_fpr, margin, pick, min_region_area, batch_size):
-    """Re-fit CATEGORY's image and pixel thresholds from new good frames."""
+def calibrate(category, index_dir, good, defect, target_fpr, margin, pick, min_region_area, batch_size, data_root):
+    """Re-fit CATEGORY's image and pixel thresholds from new good frames.
+
+    The frames are recorded (relative to --data-root where below it, else absolute) so that
+    add, remove and rebuild re-fit on them later.
+    """
     from .data import list_images
     from .calibrate import calibrate as run_calibrate
 
     index = run_calibrate(index_dir / category, list_images(good), defects=list_images(defect) if defect else None,
                           target_fpr=target_fpr, margin=margin, min_region_area=min_region_area, pick=pick,
-                          batch_size=batch_size, log=lambda m: click.echo(m, err=True))
+                          batch_size=batch_size, data_root=_data_root(data_root) / category,
+                          log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps({"index": str(index.path), "version": index.version,
-                           "calibration": {k: v for k, v in index.manifest.calibration.items() if k != "images"}}))
+                           "calibration": {k: v for k, v in (index.manifest.calibration or {}).items()
+                                           if k not in ("images", "images_root")}}))
 
 
 @main.command()

@@ -7,11 +7,15 @@ Data flows one way::
     data.test_samples -> query.iter_query        -> metrics                   (evaluation)
 
 Every build writes a new version of the index directory (:mod:`patchsearch.versions`);
-a failure or a crash leaves the current version answering.
+a failure or a crash leaves the current version answering. A build replaces the version
+that was current when it started (that is what building over an index means), and
+nothing else: where another writer installed a version while it ran, it installs nothing
+(``VersionConflict``). A rebuild installs only over the version it read, likewise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -23,12 +27,12 @@ import numpy as np
 from .calibrate import CALIBRATION_FRACTION, fit_calibration, split_calibration
 from .coreset import PROJECTION_DIM, check_ratio, kcenter_greedy, radius_space
 from .data import BIT_DEPTHS
-from .errors import InputError
+from .errors import InputError, VersionConflict
 from .format import read_manifest
 from .index import PatchIndex
 from .searchers import IVF_TYPES, check_index_type
 from .store import ImageRecord, PatchStore, PatchStoreWriter, StoreArray
-from .versions import new_version, open_version, tidy
+from .versions import current_version, new_version, open_version, tidy
 
 Log = Callable[[str], None]
 
@@ -105,6 +109,8 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
         InputError: no image, an unreadable training image, bad options.
         WeightsUnavailableError: backbone weights cannot be loaded.
         patchsearch.distributed.DistributedError: Ray missing, or a Ray worker died past its retries.
+        VersionConflict: another writer installed a version of ``out_dir`` while this build ran
+            (nothing installed: run it again).
     """
     from .data import frame_size
     from .features import DEFAULT_BACKBONE, PatchEmbedder, resolve_norm
@@ -122,12 +128,13 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
                                            TILE_OVERLAP if tile_overlap is None else tile_overlap, orient=orient)
     root = Path(data_root) if data_root is not None else Path(os.path.commonpath([p.parent for p in image_paths]))
     timings = {}
+    started_over = current_version(out_dir)  # installed only over this one (module docstring)
     t0 = time.perf_counter()
     backbone = backbone or DEFAULT_BACKBONE
     norm = resolve_norm(input_norm, backbone, geometry.mode)
     embedder = PatchEmbedder(backbone, layers, weights, embed_dim, input_norm=norm)
     timings["load_backbone"] = time.perf_counter() - t0
-    with new_version(out_dir) as tmp:
+    with _install_over(out_dir, started_over, "build") as tmp:
         t0 = time.perf_counter()
         tiles = len(geometry.tile_boxes())
         if ray_address is not None:  # a pool of Ray actors writes one partition per chunk of frames
@@ -207,18 +214,32 @@ def embed_frames(writer: PatchStoreWriter, paths: Sequence[Path], embedder, geom
 
 def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None, seed: int | None = None,
             shards: int | None = None, index: str | None = None, index_params: dict | None = None,
+            data_root: str | os.PathLike | None = None, weights: str | None = None, batch_size: int = 16,
             progress: bool = False, log: Log = lambda msg: None) -> PatchIndex:
-    """Rebuild an index from its Arrow patch store, without images or backbone.
+    """Rebuild an index from its Arrow patch store, without images (but its calibration frames).
 
     Options left None keep the values recorded in the manifest. With the same
     parameters and seed the memory bank (and, for flat, every search result) equals the
     original build's. The store files are hard-linked (copied where links fail) into
-    the new version.
+    the new version. The calibration is carried forward: as it is where the new memory bank
+    equals the old one row for row; else re-fitted with the recorded rule on the recorded
+    held-aside good frames (:func:`patchsearch.refit.refit_rebuilt`, with the backbone).
+
+    Args:
+        data_root: where the recorded calibration frames are looked up first (else where
+            they were recorded, :func:`patchsearch.refit.calibration_frames`).
+        weights: the state-dict file, for an index built with ``--weights`` (re-fitting).
+        batch_size: frames per backbone batch when re-fitting.
 
     Raises:
         IndexFormatError: no index, or its patch store is missing or corrupted.
-        InputError: bad options.
+        InputError: bad options; or the bank changes and the thresholds cannot be re-fitted
+            (frames not found, an F1-optimal pick): nothing is installed, the message says why.
+        VersionConflict: another writer installed a version after this rebuild read its own
+            (nothing installed: run it again).
     """
+    from .refit import rebuilt_calibration, refit_problem
+
     index_dir = Path(index_dir)
     with open_version(index_dir) as lease:
         old = read_manifest(lease.path, index_dir)
@@ -231,10 +252,15 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
         if index in IVF_TYPES and old.index_type in IVF_TYPES:
             index_params = kept_ivf_params(old.index.get("params") or {}, index_params,
                                            same_bank=coreset_ratio == old.coreset["ratio"])
+        why = None if (coreset_ratio, seed) == (old.coreset["ratio"], old.coreset["seed"]) else \
+            f"the coreset changes (ratio {old.coreset['ratio']} -> {coreset_ratio}, " \
+            f"seed {old.coreset['seed']} -> {seed})"
+        if old.calibration and why and (problem := refit_problem(old.calibration, data_root)):  # before the work
+            raise InputError(f"{why}, so its thresholds must be re-fitted, and {problem}; nothing was installed")
         meta = {"category": old.category, "backbone": old.backbone, "geometry": old.geometry, "grid": old.grid,
                 "store": old.store, "extra": old.extra}
         timings = {}
-        with new_version(index_dir) as tmp:
+        with _install_over(index_dir, lease.version, "rebuild") as tmp:
             for name in store_files:
                 try:
                     os.link(lease.path / name, tmp / name)
@@ -242,15 +268,31 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
                     shutil.copyfile(lease.path / name, tmp / name)
             built = index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params,
                                      progress, log)
-            if old.calibration and (coreset_ratio, seed) == (old.coreset["ratio"], old.coreset["seed"]):
-                built.manifest.calibration = old.calibration  # the same memory bank: thresholds hold
-            elif old.calibration:
-                log("the memory bank changed: its thresholds were dropped; run 'patchsearch calibrate'")
+            if old.calibration:
+                t0 = time.perf_counter()
+                built.manifest.calibration, note = rebuilt_calibration(
+                    built, old.calibration, lease.path / old.memory_bank["file"], data_root, batch_size, weights, why)
+                if note:
+                    timings["calibrate"] = round(time.perf_counter() - t0, 3)
+                    log(f"the memory bank changed: thresholds {note}")
             built.write(tmp)
     tidy(index_dir)  # the version this rebuild read from is no longer leased by it
     built.path = index_dir
     log(f"index rebuilt in {index_dir}")
     return built
+
+
+@contextlib.contextmanager
+def _install_over(root: Path, expect: str | None, what: str):
+    """:func:`~patchsearch.versions.new_version` installing only over ``expect`` (the version
+    the writer started from, None: no index), its conflict worded for ``what``."""
+    try:
+        with new_version(root, expect_current=expect) as tmp:
+            yield tmp
+    except VersionConflict:
+        raise VersionConflict(f"{root}: another writer installed {current_version(root)} while this {what} ran "
+                              f"(it started from {expect or 'no index'}); nothing was installed: run it "
+                              "again") from None
 
 
 def kept_ivf_params(recorded: dict, given: dict | None, same_bank: bool) -> dict:

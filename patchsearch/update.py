@@ -25,14 +25,15 @@ within r again. Removing the frames of an ``add`` therefore restores the bank be
 row for row: its rows cover the old store within r by definition of r.
 
 Both re-fit the calibrated thresholds with the recorded rule on the recorded held-aside
-good frames (found under ``data_root``; where they are not found, or the threshold was
-picked F1-optimal on labelled frames, the thresholds are kept and the history says so;
-after an add only the frames that can decide the thresholds are re-scored,
-:func:`_refit_bounded`), append a record to the manifest's ``history`` (time, action,
-frames, bank rows and store patches before and after, covering radius and its space,
-calibration, seconds), and install a new version through
-:func:`patchsearch.versions.new_version`: a crash leaves the previous version answering,
-and an update refuses to install over a version another writer installed meanwhile.
+good frames (:func:`patchsearch.refit.refit`: found under ``data_root``, else where they
+were recorded; where they are not found, or the threshold was picked F1-optimal on labelled
+frames, the thresholds are kept and the history says so; after an add only the frames that
+can decide the thresholds are re-scored, :func:`patchsearch.refit.refit_bounded`), append
+a record to the manifest's ``history`` (time, action, frames, bank rows and store patches
+before and after, covering radius and its space, calibration, seconds), and install a new
+version through :func:`patchsearch.versions.new_version`: a crash leaves the previous
+version answering, and an update refuses to install over a version another writer
+installed meanwhile (``VersionConflict``, nothing installed: run it again).
 
 Float32 rounding: a patch counts as covered when its distance is at most
 r * (1 + :data:`REL_TOL`).
@@ -56,6 +57,7 @@ from .coreset import PROJECTION_DIM, radius_space, random_projection
 from .errors import IndexFormatError, InputError
 from .files import sha256
 from .index import PatchIndex
+from .refit import refit
 from .searchers import KnnSearcher, build_flat_shards, faiss, shard_bounds
 from .store import ImageRecord, PatchStore, PatchStoreWriter, partition_files, relative_path
 from .versions import new_version, tidy
@@ -233,100 +235,6 @@ def _support_after_add(old: np.ndarray | None, bank: np.ndarray, start: int) -> 
     return out, len(redo)
 
 
-def _refit_bounded(built: PatchIndex, old_cal: dict, frames: list[Path], batch_size: int) -> dict | None:
-    """The re-fit after rows were ADDED to the bank, re-scoring only the frames that can decide it.
-
-    With the default rule (target FPR 0) the image threshold is (1 + margin) x the largest
-    held-aside score and the pixel threshold (1 + margin) x the largest held-aside map value.
-    When the bank only grows, no nearest-neighbour distance grows, so a frame's s* (its largest
-    patch distance, >= its Eq. 7 score) and its map maximum are upper bounds recorded from its
-    last scoring (:func:`patchsearch.calibrate.frame_bounds`). Frames are re-scored, highest
-    bound first, until every frame not re-scored has both bounds (times 1 + 1e-5 for float32
-    rounding) below the new maxima: the thresholds then equal those of re-scoring every frame.
-
-    Returns:
-        the calibration record (with "rescored": frames re-scored), or None where this does
-        not apply (another target FPR, bounds not recorded: indexes built before them).
-    """
-    from .calibrate import frame_bounds
-    from .query import query
-    from .thresholds import fit_pixel_threshold, fit_threshold
-
-    image, pixel = old_cal.get("image") or {}, old_cal.get("pixel") or {}
-    n = len(frames)
-    if image.get("target_fpr") != 0 or pixel.get("target_fpr") != 0 or n < 2 or \
-            any(len(old_cal.get(k) or []) != n for k in ("scores", "patch_max", "pixel_max")):
-        return None
-    scores = np.array(old_cal["scores"], np.float64)
-    bound, pbound = np.array(old_cal["patch_max"], np.float64), np.array(old_cal["pixel_max"], np.float64)
-    best, best_pixel, done, maps = -np.inf, -np.inf, np.zeros(n, bool), []
-    slack = 1 + 1e-5
-    while True:
-        need = ~done & ((bound * slack >= best) | (pbound * slack >= best_pixel))
-        if not need.any():
-            break
-        ids = np.nonzero(need)[0]
-        pick = sorted({int(ids[np.argmax(bound[ids])]), int(ids[np.argmax(pbound[ids])])})
-        res = query(built, [frames[i] for i in pick], batch_size=batch_size, regions=False)
-        if res.errors:
-            raise InputError(f"calibration image {next(iter(res.errors.values()))}")
-        fresh = frame_bounds(res)
-        for j, i in enumerate(pick):
-            scores[i], bound[i], pbound[i] = res.image_scores[j], fresh["patch_max"][j], fresh["pixel_max"][j]
-            maps.append(res.anomaly_maps[j])
-        done[pick] = True
-        best, best_pixel = float(scores[done].max()), float(pbound[done].max())
-    cal = {**old_cal, "image": fit_threshold(scores, 0.0, image["margin"]),
-           "pixel": {**fit_pixel_threshold(maps, 0.0, pixel["margin"]), "n": pixel.get("n")},
-           "scores": [round(float(x), 6) for x in scores], "patch_max": bound.tolist(),
-           "pixel_max": pbound.tolist(), "rescored": int(done.sum())}
-    return cal
-
-
-def _refit(built: PatchIndex, old_cal: dict | None, data_root: Path | None, batch_size: int, what: str,
-           weights: str | None = None, grown: bool = False) -> tuple[dict | None, str]:
-    """Re-fit the calibration of ``built`` on the recorded held-aside good frames (after an add,
-    ``grown``: re-scoring only the frames that can decide it, :func:`_refit_bounded`).
-
-    Returns:
-        (the new calibration record (the old one where it cannot be re-fitted), a sentence for
-        the history and the log).
-    """
-    from .calibrate import fit_calibration
-    from .query import embedder_for
-
-    if not old_cal:
-        return None, "not calibrated"
-    image = old_cal.get("image") or {}
-    if str(image.get("rule", "")).startswith("F1-optimal"):
-        return old_cal, ("thresholds kept: the image threshold was picked F1-optimal on labelled frames, "
-                         "which are not recorded; run 'patchsearch calibrate'")
-    if data_root is None:
-        return old_cal, ("thresholds kept: no data root given to find the held-aside good frames; pass "
-                         "--data-root or run 'patchsearch calibrate'")
-    frames = [Path(data_root) / p for p in old_cal.get("images") or []]
-    missing = [p for p in frames if not p.is_file()]
-    if not frames or missing:
-        return old_cal, (f"thresholds kept: {len(missing)} of the {len(frames)} held-aside good frames not found "
-                         f"under {data_root} (e.g. {missing[0] if missing else '-'}); pass --data-root or run "
-                         "'patchsearch calibrate'")
-    source = str(old_cal.get("source", "held-aside good frames")).split(" | re-fitted")[0]
-    embedder_for(built, weights)
-    cal = _refit_bounded(built, old_cal, frames, batch_size) if grown else None
-    how = ""
-    if cal is None:
-        cal = fit_calibration(built, frames, Path(data_root), "", image.get("target_fpr"), image.get("margin"),
-                              int(old_cal.get("min_region_area", 0)), batch_size)
-    else:
-        how = (f" ({cal.pop('rescored')} re-scored; the others' bounds s* and map maximum, which cannot grow "
-               "with the bank, stay below the new maxima)")
-    cal["source"] = f"{source} | re-fitted after {what}"
-    note = (f"re-fitted on {len(frames)} held-aside good frames{how}: image threshold "
-            f"{image.get('threshold', float('nan')):.4f} -> {cal['image']['threshold']:.4f}, pixel threshold "
-            f"{(old_cal.get('pixel') or {}).get('threshold', float('nan')):.4f} -> {cal['pixel']['threshold']:.4f} (L2)")
-    return cal, note
-
-
 def _reuse(index: PatchIndex, embedder) -> None:
     """Let ``index`` use a caller's embedder if it is the one its manifest records."""
     if embedder is not None and json.loads(json.dumps(embedder.describe())) == index.manifest.backbone:
@@ -352,8 +260,8 @@ def _finish(index: PatchIndex, bank: np.ndarray, sources: dict, support, shards:
     built = PatchIndex(MemoryBank(bank, sources, store.image_paths(), support), shards, man, gpu=False)
     if embedder is not None:
         built._embedder = embedder
-    cal, note = _refit(built, index.manifest.calibration, data_root, batch_size, f"patchsearch {record['action']}",
-                       weights, grown=record["action"] == "add")
+    cal, note = refit(built, index.manifest.calibration, data_root, batch_size, f"patchsearch {record['action']}",
+                      weights, grown=record["action"] == "add")
     built.manifest.calibration = cal
     log(note)
     record["calibration"] = note
@@ -613,8 +521,9 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
                     d2 = faiss().knn(project(shrunk.embeddings(rows)), gone_proj, 1)[0][:, 0]
                     cand.append(rows[d2 <= limit])
                 cand = np.concatenate(cand)
-                local, largest = cover(project(kept_bank), project(shrunk.embeddings(cand)), radius)
-                picked = cand[local]
+                if len(cand):  # else every remaining patch was farther than r from the removed rows
+                    local, largest = cover(project(kept_bank), project(shrunk.embeddings(cand)), radius)
+                    picked = cand[local]
             t_cover = time.perf_counter() - t0
             bank = np.concatenate([kept_bank, shrunk.embeddings(picked)]) if len(picked) else kept_bank
             if len(bank) == 0:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -132,7 +133,8 @@ def test_build_records_radius_and_add_covers_every_store_patch(built, tmp_path):
     assert rec["action"] == "add" and rec["frames"] == [f"line/good_{i}.png" for i in range(3)]
     assert rec["bank_rows"] == [m0, new.size] and rec["covering_radius"] == pytest.approx(r)
     assert rec["radius_space"] == "projected-128" and rec["store_patches"] == [4 * 64, 7 * 64]
-    assert rec["calibration"].startswith("re-fitted on 4 held-aside good frames (")  # only some re-scored
+    rescored = re.match(r"re-fitted on 4 held-aside good frames \((\d+) re-scored;", rec["calibration"])
+    assert rescored and 1 <= int(rescored.group(1)) < 4, rec["calibration"]  # only some re-scored, not all
     assert new.manifest.calibration["image"]["threshold"] <= old.manifest.calibration["image"]["threshold"]
     # ... and the thresholds are those of re-scoring every held-aside frame with the new bank
     from patchsearch.calibrate import fit_calibration
@@ -228,6 +230,24 @@ def test_remove_of_a_build_frame_reselects_and_covers(built, tmp_path):
     new.close()
 
 
+def test_remove_of_frames_whose_rows_covered_no_other_patch(built, tmp_path):
+    """A dense bank: no remaining store patch lies within r of the removed rows, none re-selected."""
+    from patchsearch.pipeline import rebuild
+
+    root, idx, emb = built
+    path = _copy(idx, tmp_path)
+    rebuild(path, coreset_ratio=0.5, data_root=root / "widget").close()
+    dense = PatchIndex.load(path)
+    frame = root / "widget/test/blob/000.png"
+    add_images(path, [frame], data_root=root / "widget", embedder=emb).close()
+    back = remove_images(path, ["test/blob/000.png"], data_root=root / "widget", embedder=emb)
+    rec = history(back.manifest)[-1]
+    assert rec["bank_rows_removed"] > 0 and rec["bank_rows_reselected"] == 0
+    np.testing.assert_array_equal(back.bank, dense.bank)
+    for i in (dense, back):
+        i.close()
+
+
 def test_false_alarm_loop(built, tmp_path):
     """A good frame of a new supplier scores NG; the operator adds it; it then scores OK."""
     root, idx, emb = built
@@ -276,7 +296,13 @@ def test_cli_errors_and_odd_frames(built, tmp_path):
     images = PatchStore(index.directory).images().to_pylist()
     assert images[-1]["width"] == 120 and images[-1]["height"] == 72
     assert index.manifest.store["num_patches"] == 5 * 64
-    # held-aside frames not found under the data root: thresholds kept, and said so
+    # held-aside frames found neither under the data root nor where recorded: thresholds kept, and said so
+    man_path = _version_dir(path) / "manifest.json"
+    raw = json.loads(man_path.read_text())
+    raw["calibration"]["images_root"] = (tmp_path / "moved").as_posix()
+    man_path.write_text(json.dumps(raw))
+    index.close()
+    index = PatchIndex.load(path)
     r = cli("add", root / "widget/line/good_2.png", "--category", "widget", "--index-dir", path.parent,
             "--data-root", tmp_path / "elsewhere")
     assert r.exit_code == 0 and "thresholds kept" in r.stderr
