@@ -98,7 +98,8 @@ def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source:
 
 def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Sequence[Path] | None = None,
               target_fpr: float | None = None, margin: float | None = None, min_region_area: int | None = None,
-              pick: str = "fpr", batch_size: int = 16, log: Callable[[str], None] = lambda msg: None) -> PatchIndex:
+              pick: str = "fpr", batch_size: int = 16, log: Callable[[str], None] = lambda msg: None,
+              device: str | None = None) -> PatchIndex:
     """Re-fit an index's thresholds from new good frames (and optionally defect frames),
     installing a new version that shares every other file with the current one.
 
@@ -107,15 +108,21 @@ def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Se
         defects: defect frames, for the F1-optimal threshold (reported; used with ``pick="f1"``).
         target_fpr, margin: the rule of :func:`patchsearch.calibrate.fit_threshold`.
         min_region_area: smallest reported defect region (frame pixels) [as before].
+        device: where the frames are embedded and searched (:mod:`patchsearch.device`;
+            None: :meth:`PatchIndex.load`'s default).
+
+    Returns:
+        the new version, loaded for inspection on the CPU (load it with ``device=`` to
+        search on a GPU: nothing is copied to one for this return value).
 
     Raises:
-        InputError: unreadable frames, too few good frames, bad options.
+        InputError: unreadable frames, too few good frames, bad options, a bad ``device``.
         IndexFormatError: no index.
     """
     from .format import write_manifest
 
     index_dir = Path(index_dir)
-    index = PatchIndex.load(index_dir)
+    index = PatchIndex.load(index_dir, device=device)
     try:
         old = (index.manifest.calibration or {}).get("min_region_area", 0)
         root = Path(os.path.commonpath([Path(os.path.abspath(p)).parent for p in good]))
@@ -134,4 +141,4 @@ def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Se
         index.close()
     tidy(index_dir)
     log(f"image threshold {cal['image']['threshold']:.4f}, pixel threshold {cal['pixel']['threshold']:.4f} (L2)")
-    return PatchIndex.load(index_dir)
+    return PatchIndex.load(index_dir, device="cpu")
