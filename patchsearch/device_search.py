@@ -91,7 +91,8 @@ def resident(index) -> str | None:
 
     if isinstance(index.searcher, TorchSearcher):
         return "torch"
-    if index._sharded.on_gpu and not index._sharded.is_ivf:
+    sharded = getattr(index, "_sharded", None)  # None: an index searched elsewhere (Ray shard actors)
+    if sharded is not None and sharded.on_gpu and not sharded.is_ivf:
         return "faiss"
     return None
 

@@ -54,6 +54,8 @@ class PatchIndex:
             a runtime choice (:mod:`patchsearch.device`), not part of the index.
     """
 
+    device = "cpu"  # set by __init__; an index searched elsewhere (Ray shard actors) embeds here on the CPU
+
     def __init__(self, memory_bank: MemoryBank, shards: list, manifest: Manifest, gpu: bool | None = None,
                  exact: str = "auto", lease: Lease | None = None, device: str | None = None,
                  precision: str = "fp32"):
