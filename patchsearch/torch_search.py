@@ -43,6 +43,7 @@ SIGMAS = 7.0
 FP32_EXTRA = 16  # fp32 candidates beyond k
 LOW_CANDIDATES = 64  # candidates of the reduced precisions (at least k + FP32_EXTRA)
 _TF32_LOCK = threading.Lock()  # torch's TF32 switch is process-wide
+QUERY_CHUNK_CUDA, QUERY_CHUNK_CPU = 4096, 1024  # queries per matmul (the bank goes in blocks of budget / chunk)
 
 
 def check_precision(precision: str) -> str:
@@ -97,24 +98,24 @@ def prepare_bank(bank, device=None, precision: str = "fp32") -> PreparedBank:
     return PreparedBank(b, sq, low, precision, float(sq.max()), float(b.abs().max()))
 
 
-def _dots(q: torch.Tensor, pb: PreparedBank) -> tuple[torch.Tensor, bool]:
-    """(q . b for every bank row, float32 (n, M); whether those products were rounded to the
-    low precision on output: bf16/fp16 products come out in fp32 only on CUDA, ``out_dtype``)."""
+def _dots(q: torch.Tensor, pb: PreparedBank, a: int, b: int) -> tuple[torch.Tensor, bool]:
+    """(q . bank[a:b], float32 (n, b - a); whether those products were rounded to the low
+    precision on output: bf16/fp16 products come out in fp32 only on CUDA, ``out_dtype``)."""
     if pb.low is not None:
-        ql = q.to(pb.low.dtype)
+        ql, low = q.to(pb.low.dtype), pb.low[a:b]
         if q.device.type == "cuda":
             try:
-                return torch.mm(ql, pb.low.T, out_dtype=torch.float32), False
+                return torch.mm(ql, low.T, out_dtype=torch.float32), False
             except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
                 pass
-        return (ql @ pb.low.T).float(), True
+        return (ql @ low.T).float(), True
     if q.device.type != "cuda":
-        return q @ pb.bank.T, False
+        return q @ pb.bank[a:b].T, False
     with _TF32_LOCK:
         before = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = pb.precision == "tf32"
         try:
-            return q @ pb.bank.T, False
+            return q @ pb.bank[a:b].T, False
         finally:
             torch.backends.cuda.matmul.allow_tf32 = before
 
@@ -122,6 +123,29 @@ def _dots(q: torch.Tensor, pb: PreparedBank) -> tuple[torch.Tensor, bool]:
 def _budget(device: torch.device) -> int:
     """Elements of one (queries, bank rows) score block."""
     return 1 << 27 if device.type == "cuda" else 1 << 22
+
+
+def _candidates(q: torch.Tensor, pb: PreparedBank, c: int, budget: int):
+    """(the c smallest approximate scores ``||b||^2 - 2 q.b`` per query, their rows, whether
+    products were rounded on output), over bank blocks of ``budget / len(q)`` rows."""
+    m = len(pb.bank)
+    step = max(c, budget // max(1, len(q)))
+    best_s = best_i = None
+    rounded = False
+    for a in range(0, m, step):
+        b = min(m, a + step)
+        dots, r = _dots(q, pb, a, b)
+        rounded |= r
+        score = dots.mul_(-2).add_(pb.sq[a:b])
+        del dots
+        v, i = score.topk(min(c, b - a), dim=1, largest=False, sorted=False)
+        del score
+        i += a
+        if best_s is not None:
+            v, j = torch.cat([best_s, v], 1).topk(c, dim=1, largest=False, sorted=False)
+            i = torch.cat([best_i, i], 1).gather(1, j)
+        best_s, best_i = v, i
+    return best_s, best_i, rounded
 
 
 def exact_distances(q: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, budget: int) -> torch.Tensor:
@@ -161,7 +185,8 @@ def knn(queries, bank, k: int, device=None, precision: str = "fp32", *, candidat
         device: where to compute (default: the bank's device, or the queries').
         precision: candidate precision, one of :data:`PRECISIONS` (see the module docstring).
         candidates: candidates re-ranked per query (default k + 16 for fp32, 64 otherwise).
-        budget: elements of one score block (bounds memory; default 2^27 on CUDA, 2^22 on CPU).
+        budget: elements of one (query chunk, bank block) score block (bounds memory; default
+            2^27 on CUDA, 2^22 on CPU); queries go 4096 (CPU: 1024) at a time.
         stats: if given, ``stats["rechecked"]`` is increased by the queries searched again.
 
     Returns:
@@ -189,15 +214,11 @@ def knn(queries, bank, k: int, device=None, precision: str = "fp32", *, candidat
     acc = math.sqrt(d / 3.0) * 2.0 ** -24
     dist = torch.empty(n, k, device=dev)
     rows = torch.empty(n, k, dtype=torch.int64, device=dev)
-    step = max(1, min(n, budget // m)) if n else 1
+    step = QUERY_CHUNK_CUDA if dev.type == "cuda" else QUERY_CHUNK_CPU
     with torch.no_grad():
         for s in range(0, n, step):
             q = q_all[s:s + step]
-            dots, rounded = _dots(q, pb)
-            score = dots.mul_(-2).add_(pb.sq)
-            del dots
-            cand_s, cand = score.topk(c, dim=1, largest=False, sorted=False)
-            del score
+            cand_s, cand, rounded = _candidates(q, pb, c, budget)
             d2c = exact_distances(q, pb.bank, cand, budget)
             v, j = d2c.topk(k, dim=1, largest=False)
             r = cand.gather(1, j)

@@ -108,11 +108,12 @@ def test_searcher_choice(monkeypatch):
 
 
 # ------------------------------------------------------------------ the device path on the CPU
-@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
-def test_torch_knn_equals_faiss(precision):
+@pytest.mark.parametrize("precision,budget", [("fp32", None), ("tf32", None), ("bf16", None), ("fp16", None),
+                                              ("fp32", 30000), ("bf16", 30000)])  # 30000: bank blocks of 29 rows
+def test_torch_knn_equals_faiss(precision, budget):
     bank, q = _data()
     d0, r0 = faiss.knn(q, bank, 9)
-    d1, r1 = torch_search.knn(q, bank, 9, "cpu", precision)
+    d1, r1 = torch_search.knn(q, bank, 9, "cpu", precision, budget=budget)
     assert d1.dtype == torch.float32 and r1.dtype == torch.int64
     assert_same_neighbours(q, bank, d0, r0, d1.numpy(), r1.numpy())
     assert (np.diff(d1.numpy(), axis=1) >= 0).all()
