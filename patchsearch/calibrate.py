@@ -105,7 +105,7 @@ def fit_calibration(index: PatchIndex, good: Sequence[Path], root: Path, source:
 def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Sequence[Path] | None = None,
               target_fpr: float | None = None, margin: float | None = None, min_region_area: int | None = None,
               pick: str = "fpr", batch_size: int = 16, data_root: str | os.PathLike | None = None,
-              log: Callable[[str], None] = lambda msg: None) -> PatchIndex:
+              log: Callable[[str], None] = lambda msg: None, device: str | None = None) -> PatchIndex:
     """Re-fit an index's thresholds from new good frames (and optionally defect frames),
     installing a new version that shares every other file with the version it read.
 
@@ -117,12 +117,15 @@ def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Se
         data_root: the good frames are recorded relative to it where they lie below it, else
             as absolute paths (default: relative to their common folder); either way the
             folder is recorded, so ``add``, ``remove`` and ``rebuild`` find them again.
+        device: where the frames are embedded and searched (:mod:`patchsearch.device`;
+            None: :meth:`PatchIndex.load`'s default).
 
     Returns:
-        the current version, loaded, after the install.
+        the current version after the install, loaded for inspection on the CPU (load it
+        with ``device=`` to search on a GPU: nothing is copied to one for this return value).
 
     Raises:
-        InputError: unreadable frames, too few good frames, bad options.
+        InputError: unreadable frames, too few good frames, bad options, a bad ``device``.
         IndexFormatError: no index.
         VersionConflict: another writer installed a version after this one read its own
             (nothing installed: the thresholds were fitted on a bank that is no longer current).
@@ -130,7 +133,7 @@ def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Se
     from .format import write_manifest
 
     index_dir = Path(index_dir)
-    index = PatchIndex.load(index_dir)
+    index = PatchIndex.load(index_dir, device=device)
     try:
         old = (index.manifest.calibration or {}).get("min_region_area", 0)
         root = Path(data_root) if data_root is not None else \
@@ -150,4 +153,4 @@ def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Se
         index.close()
     tidy(index_dir)
     log(f"image threshold {cal['image']['threshold']:.4f}, pixel threshold {cal['pixel']['threshold']:.4f} (L2)")
-    return PatchIndex.load(index_dir)
+    return PatchIndex.load(index_dir, device="cpu")

@@ -76,6 +76,20 @@ def _index_options(fn):
     return fn
 
 
+def _device_option(fn):
+    """--device cpu|cuda|cuda:N|auto (every command that embeds or searches)."""
+    from .device import HELP
+
+    return click.option("--device", default="auto", show_default=True, metavar="cpu|cuda|cuda:N|auto", help=HELP)(fn)
+
+
+def _device(value: str) -> str:
+    """The resolved --device (one-line InputError naming --device: malformed, or no such GPU)."""
+    from .device import resolve_device
+
+    return resolve_device(value, "--device")
+
+
 def _index_params(nlist, pq_m, pq_bits, nprobe, rerank, layout=None) -> dict:
     given = {"nlist": nlist, "pq_m": pq_m, "pq_bits": pq_bits, "nprobe": nprobe, "rerank": rerank, "layout": layout}
     return {k: v for k, v in given.items() if v is not None}
@@ -145,14 +159,17 @@ def main(debug):
                    "(the [ray] extra; the index dir must be on storage every node mounts)")
 @click.option("--ray-workers", type=click.IntRange(min=1), default=None,
               help="Ray embedding actors [one per GPU, else one per CPU of the cluster]")
+@_device_option
 @_friendly
 def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, input_norm, resize, crop, orient, tile,
           tile_overlap, bit_depth, calibration_fraction, target_fpr, margin, min_region_area, coreset_ratio, seed, shards,
-          index_type, layout, nlist, pq_m, pq_bits, nprobe, rerank, batch_size, workers, ray_address, ray_workers):
+          index_type, layout, nlist, pq_m, pq_bits, nprobe, rerank, batch_size, workers, ray_address, ray_workers,
+          device):
     """Build the memory-bank index of CATEGORY from its train/good images, and calibrate it."""
     from .data import train_images, validation_images
     from .pipeline import build as run_build
 
+    device = _device(device)
     root = _data_root(data_root)
     paths = train_images(root, category)
     index = run_build(paths, index_dir / category, category=category, data_root=root / category, backbone=backbone,
@@ -167,7 +184,7 @@ def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, 
                       batch_size=batch_size, workers=workers, ray_address=ray_address,
                       ray_options=None if ray_workers is None else {"num_workers": ray_workers},
                       progress=sys.stderr.isatty(),
-                      log=lambda m: click.echo(m, err=True))
+                      log=lambda m: click.echo(m, err=True), device=device)
     click.echo(_summary(index))
 
 
@@ -182,9 +199,10 @@ def build(category, data_root, index_dir, backbone, layers, weights, embed_dim, 
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="the state-dict file the index was built with (to re-fit the thresholds)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@_device_option
 @_friendly
 def rebuild(category, index_dir, coreset_ratio, seed, shards, index_type, layout, nlist, pq_m, pq_bits, nprobe,
-            rerank, data_root, weights, batch_size):
+            rerank, data_root, weights, batch_size, device):
     """Rebuild CATEGORY's index from its Arrow patch store (no training images).
 
     Where the memory bank changes, the thresholds are re-fitted on the recorded held-aside
@@ -193,18 +211,22 @@ def rebuild(category, index_dir, coreset_ratio, seed, shards, index_type, layout
     """
     from .pipeline import rebuild as run_rebuild
 
+    device = _device(device)
     index = run_rebuild(index_dir / category, coreset_ratio=coreset_ratio, seed=seed, shards=shards,
                         index=index_type, index_params=_index_params(nlist, pq_m, pq_bits, nprobe, rerank, layout),
                         data_root=_data_root(data_root) / category, weights=str(weights) if weights else None,
-                        batch_size=batch_size, progress=sys.stderr.isatty(), log=lambda m: click.echo(m, err=True))
+                        batch_size=batch_size, progress=sys.stderr.isatty(), log=lambda m: click.echo(m, err=True),
+                        device=device)
     click.echo(_summary(index))
 
 
 def _load(index_dir: Path, category: str, nprobe: int | None = None, backbone: str | None = None,
-          embed_dim: int | None = None, weights: Path | None = None):
+          embed_dim: int | None = None, weights: Path | None = None, device: str = "auto"):
     from .index import PatchIndex
 
-    index = PatchIndex.load(index_dir / category, nprobe=nprobe, backbone=backbone, embed_dim=embed_dim)
+    device = _device(device)
+    index = PatchIndex.load(index_dir / category, nprobe=nprobe, backbone=backbone, embed_dim=embed_dim,
+                            device=device)
     if weights is not None:  # an index built with --weights: its embedder needs the file
         from .query import embedder_for
 
@@ -213,7 +235,8 @@ def _load(index_dir: Path, category: str, nprobe: int | None = None, backbone: s
 
 
 def _query_options(fn):
-    """--nprobe, --weights, and --backbone / --embed-dim as expectations checked against the index."""
+    """--nprobe, --weights, --device, and --backbone / --embed-dim as expectations checked against the index."""
+    fn = _device_option(fn)
     fn = click.option("--weights", type=click.Path(path_type=Path), default=None,
                       help="the state-dict file the index was built with, if it was built with --weights")(fn)
     fn = click.option("--embed-dim", type=click.IntRange(min=1), default=None,
@@ -234,7 +257,8 @@ def _query_options(fn):
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @_query_options
 @_friendly
-def query(images, category, index_dir, maps_dir, threshold, k, batch_size, nprobe, weights, backbone, embed_dim):
+def query(images, category, index_dir, maps_dir, threshold, k, batch_size, nprobe, weights, backbone, embed_dim,
+          device):
     """Judge IMAGES (files or folders): one JSON line per frame.
 
     Each line has the decision (OK / NG / ERROR), image score (Eq. 7, L2), normalised
@@ -246,7 +270,7 @@ def query(images, category, index_dir, maps_dir, threshold, k, batch_size, nprob
     from .query import iter_query
     from .report import record, write_maps
 
-    index = _load(index_dir, category, nprobe, backbone, embed_dim, weights)
+    index = _load(index_dir, category, nprobe, backbone, embed_dim, weights, device)
     if k > index.size:
         raise InputError(f"--k {k} is larger than the memory bank ({index.size} vectors)")
     paths = list_images(images)
@@ -293,8 +317,10 @@ def _unique(path: Path, taken: set) -> Path:
 @click.option("--min-region-area", type=click.IntRange(min=0), default=None, help="[as before]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @_data_root_option
+@_device_option
 @_friendly
-def calibrate(category, index_dir, good, defect, target_fpr, margin, pick, min_region_area, batch_size, data_root):
+def calibrate(category, index_dir, good, defect, target_fpr, margin, pick, min_region_area, batch_size, data_root,
+              device):
     """Re-fit CATEGORY's image and pixel thresholds from new good frames.
 
     The frames are recorded (relative to --data-root where below it, else absolute) so that
@@ -303,10 +329,11 @@ def calibrate(category, index_dir, good, defect, target_fpr, margin, pick, min_r
     from .data import list_images
     from .calibrate import calibrate as run_calibrate
 
+    device = _device(device)
     index = run_calibrate(index_dir / category, list_images(good), defects=list_images(defect) if defect else None,
                           target_fpr=target_fpr, margin=margin, min_region_area=min_region_area, pick=pick,
                           batch_size=batch_size, data_root=_data_root(data_root) / category,
-                          log=lambda m: click.echo(m, err=True))
+                          log=lambda m: click.echo(m, err=True), device=device)
     click.echo(json.dumps({"index": str(index.path), "version": index.version,
                            "calibration": {k: v for k, v in (index.manifest.calibration or {}).items()
                                            if k not in ("images", "images_root")}}))
@@ -320,11 +347,11 @@ def calibrate(category, index_dir, good, defect, target_fpr, margin, pick, min_r
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @_query_options
 @_friendly
-def evaluate(category, data_root, index_dir, as_json, batch_size, nprobe, weights, backbone, embed_dim):
+def evaluate(category, data_root, index_dir, as_json, batch_size, nprobe, weights, backbone, embed_dim, device):
     """Image/pixel AUROC, AUPRO, and F1 at the calibrated threshold on CATEGORY's test split."""
     from .evaluate import evaluate as run_evaluate
 
-    index = _load(index_dir, category, nprobe, backbone, embed_dim, weights)
+    index = _load(index_dir, category, nprobe, backbone, embed_dim, weights, device)
     res = run_evaluate(index, _data_root(data_root), category, batch_size=batch_size, progress=sys.stderr.isatty())
     if as_json:
         click.echo(json.dumps(res))
@@ -362,7 +389,7 @@ def verify(category, index_dir):
             click.echo(f"damaged: {line}", err=True)
         if problems:
             sys.exit(1)
-    index = PatchIndex.load(path)  # and that it opens
+    index = PatchIndex.load(path, device="cpu")  # and that it opens (nothing copied to a GPU for it)
     click.echo(f"ok: {path} intact ({lease.version or 'format 1'}, {len(index.manifest.files)} files, "
                f"memory bank {index.size} x {index.dim})")
 
@@ -377,8 +404,9 @@ def verify(category, index_dir):
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="image-decoding worker processes")
+@_device_option
 @_friendly
-def add(images, category, data_root, index_dir, weights, batch_size, workers):
+def add(images, category, data_root, index_dir, weights, batch_size, workers, device):
     """Add good frames IMAGES (files or folders) to CATEGORY's index without a rebuild.
 
     The frames join the patch store as a new partition; greedy k-center continues until
@@ -389,9 +417,10 @@ def add(images, category, data_root, index_dir, weights, batch_size, workers):
     from .data import list_images
     from .update import add_images, history
 
+    device = _device(device)
     index = add_images(index_dir / category, list_images(images), data_root=_data_root(data_root) / category,
                        weights=str(weights) if weights else None, batch_size=batch_size, workers=workers,
-                       progress=sys.stderr.isatty(), log=lambda m: click.echo(m, err=True))
+                       progress=sys.stderr.isatty(), log=lambda m: click.echo(m, err=True), device=device)
     click.echo(json.dumps({"index": str(index.path), "version": index.version, "memory_bank": index.size,
                            "last_update": (history(index.manifest) or [None])[-1]}))
 
@@ -405,14 +434,16 @@ def add(images, category, data_root, index_dir, weights, batch_size, workers):
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="the state-dict file the index was built with (to re-fit the thresholds)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@_device_option
 @_friendly
-def remove(category, images, data_root, index_dir, weights, batch_size):
+def remove(category, images, data_root, index_dir, weights, batch_size, device):
     """Take frames out of CATEGORY's index (patch store and memory bank) without a rebuild."""
     from .update import history, remove_images
 
+    device = _device(device)
     index = remove_images(index_dir / category, list(images), data_root=_data_root(data_root) / category,
                           weights=str(weights) if weights else None, batch_size=batch_size,
-                          log=lambda m: click.echo(m, err=True))
+                          log=lambda m: click.echo(m, err=True), device=device)
     click.echo(json.dumps({"index": str(index.path), "version": index.version, "memory_bank": index.size,
                            "last_update": (history(index.manifest) or [None])[-1]}))
 
@@ -427,7 +458,7 @@ def info(category, index_dir, as_json):
     from .index import PatchIndex
     from .update import history
 
-    index = PatchIndex.load(index_dir / category)
+    index = PatchIndex.load(index_dir / category, device="cpu")  # inspection only
     try:
         man = index.manifest
         cal = man.calibration or {}
@@ -472,7 +503,7 @@ if __name__ == "__main__":
 @_data_root_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (loopback unless told otherwise)")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="backbone device: cpu, cuda, cuda:N")
+@_device_option
 @click.option("--token", default=None, envvar="PATCHSEARCH_TOKEN", show_envvar=True,
               help="bearer token required on every endpoint but /healthz")
 @click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=32.0, show_default=True,
@@ -501,6 +532,7 @@ def serve(index_dir, data_root, host, port, device, token, max_body_mb, max_batc
         raise InputError(f"patchsearch serve needs its extra: pip install 'patchsearch[serve]' ({exc})") from None
     if not index_dir.is_dir():
         raise InputError(f"--index-dir {index_dir} does not exist")
+    device = _device(device)
     run_serve(Settings(index_dir=index_dir, data_root=_data_root(data_root), device=device, token=token or None,
                        max_body_mb=max_body_mb, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                        poll_s=poll_s), host, port, log_level)

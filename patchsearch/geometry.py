@@ -259,7 +259,7 @@ class Geometry:
                 count[cells] += 1
         return out if reduce == "max" else out / count
 
-    def frame_map(self, grid_scores, frame_size, sigma: float = 4.0) -> np.ndarray:
+    def frame_map(self, grid_scores, frame_size, sigma: float = 4.0, device: str | None = None) -> np.ndarray:
         """Patch-score grid (GH, GW), or (N, GH, GW) for N frames of one size -> float32 map(s).
 
         The grid is upsampled bilinearly to ``input_size`` and blurred there with a Gaussian
@@ -267,6 +267,7 @@ class Geometry:
         resized bilinearly to the frame, (h, w) for ``frame_size`` (w, h) (a :meth:`turned`
         frame's map to the turned frame, then turned back clockwise). Crop mode:
         returned as is, (crop, crop), covering only :meth:`crop_box` of the frame.
+        ``device``: the torch device the upsampling and blur run on (default: the CPU).
         Raises InputError: bad frame size, or a grid without the input's aspect (e.g. an
         unstitched tile grid: pass :meth:`stitch`'s output).
         """
@@ -281,7 +282,7 @@ class Geometry:
         (H, W), (GH, GW) = self.input_size, g.shape[-2:]
         _check(abs(GH * W / H - GW) <= 1,
                f"score grid {GH}x{GW} does not have the aspect of the input {H}x{W} (stitch tile grids first)")
-        maps = anomaly_maps(g.reshape(-1, GH, GW), (H, W), sigma)
+        maps = anomaly_maps(g.reshape(-1, GH, GW), (H, W), sigma, device=device)  # upsample + blur on device
         turned = self.turned((w, h))
         mh, mw = (w, h) if turned else (h, w)  # the turned frame is h wide and w high
         if self.mode == "frame" and (mh, mw) != (H, W):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ivf, searchers
+from . import device_search, ivf, searchers
 from .bank import B, BANK_FILE, MemoryBank, check_embeddings, exact_support_sets, read_bank, \
     support_from_neighbours, write_bank
 from .errors import IndexFormatError, InputError, check_finite
@@ -52,12 +52,17 @@ class PatchIndex:
         reranked: True for IVF indexes (approximate candidates re-ranked with exact L2),
             False for flat: :func:`patchsearch.searchers.reranked` of the manifest's type.
         path: the index directory it was loaded from or saved to, or None.
+        device: where this index searches and embeds (``"cpu"``, ``"cuda"``, ``"cuda:N"``):
+            a runtime choice (:mod:`patchsearch.device`), not part of the index.
     """
 
+    device = "cpu"  # set by __init__; an index searched elsewhere (Ray shard actors) embeds here on the CPU
+
     def __init__(self, memory_bank: MemoryBank, shards: list, manifest: Manifest, gpu: bool | None = None,
-                 exact: str = "auto", lease: Lease | None = None):
-        if exact not in ("faiss", "int8", "auto"):
-            raise InputError(f"exact search must be faiss, int8 or auto, got {exact!r}")
+                 exact: str = "auto", lease: Lease | None = None, device: str | None = None,
+                 precision: str = "fp32"):
+        self.device = device_search.index_device(device, gpu)
+        plan = device_search.choose(self.device, exact, searchers.faiss().try_extract_index_ivf(shards[0]) is not None)
         self.memory_bank = memory_bank
         self.manifest = manifest
         self.path: Path | None = None
@@ -66,11 +71,15 @@ class PatchIndex:
         # against the shard files): searchers.reranked, asked by RemotePatchIndex too
         self.reranked = searchers.reranked(manifest.index.get("type"), shards[0],
                                            str(lease.path) if lease is not None else "the index")
-        self._sharded = searchers.ShardedSearcher(shards, gpu=gpu)
+        self._sharded = searchers.ShardedSearcher(shards, gpu=plan.faiss_gpu, gpu_ids=plan.gpu_ids)
         self.searcher = self._sharded
         self._init_search_state()
         if self.reranked:
             self.searcher = ivf.IVFPQSearcher(self._sharded, self.bank, manifest.index["params"])
+        elif plan.torch:
+            from .torch_search import TorchSearcher
+
+            self.searcher = TorchSearcher(self.bank, self.device, precision)  # the bank goes to the device here
         elif not self._sharded.on_gpu and exact == "int8":
             from .int8 import Int8Searcher
 
@@ -91,7 +100,8 @@ class PatchIndex:
                         recall_queries: np.ndarray | None = None, support_sets: bool | str = "auto", b: int = B,
                         seed: int = 0, sources: dict | None = None, images: list[str] | None = None,
                         manifest: dict | None = None, gpu: bool | None = None, exact: str = "auto",
-                        layout: str | None = None) -> "PatchIndex":
+                        layout: str | None = None, device: str | None = None,
+                        precision: str = "fp32") -> "PatchIndex":
         """Index a memory bank.
 
         Args:
@@ -119,15 +129,27 @@ class PatchIndex:
             seed: seeds the IVF-PQ training sample and k-means.
             sources, images: where each bank row came from (see :class:`MemoryBank`).
             manifest: build metadata for the manifest (category, backbone, geometry, ...).
-            gpu: place shards on GPUs; None = when faiss sees GPUs.
-            exact: flat search on CPU: ``"faiss"`` (IndexFlatL2), ``"int8"``
-                (:class:`patchsearch.int8.Int8Searcher`, needs torch >= 2.3; its codes are
-                built on the first search, not on load) or ``"auto"`` (faiss: the int8
-                pass was not measured faster on this project's CPU, see the README).
+            device: where the index searches (and :meth:`query` embeds): ``"cpu"``,
+                ``"cuda"`` (every GPU), ``"cuda:N"`` or ``"auto"`` (cuda where torch or
+                faiss-gpu sees a GPU); None: the older ``gpu`` rule. A runtime choice: nothing
+                of it is written into the index (:mod:`patchsearch.device`).
+            gpu: older form of ``device``: True = ``"cuda"``, False = ``"cpu"``; with
+                neither, ``"cuda"`` where faiss-gpu sees a GPU, else ``"cpu"`` (this
+                default imports no torch).
+            exact: flat search: ``"faiss"`` (IndexFlatL2, on the GPUs where faiss-gpu sees
+                them), ``"int8"`` (CPU only: :class:`patchsearch.int8.Int8Searcher`, needs
+                torch >= 2.3; its codes are built on the first search, not on load),
+                ``"torch"`` (:class:`patchsearch.torch_search.TorchSearcher`: exact search
+                in torch on ``device``, the bank copied there on load) or ``"auto"`` (faiss,
+                except on a CUDA device without faiss-gpu: torch; the int8 pass was not
+                measured faster on this project's CPU, see the README).
+            precision: candidate precision of the torch search (``"fp32"``, ``"tf32"``,
+                ``"bf16"``, ``"fp16"``; results stay exact: :mod:`patchsearch.torch_search`).
 
         Raises:
             InputError: not a non-empty 2-D float array, NaN/inf values, bad shard count,
-                index type or IVF-PQ parameters.
+                index type or IVF-PQ parameters; a bad ``device``/``exact``/``precision``,
+                or ``device`` naming a GPU that is not there.
         """
         bank = check_embeddings(bank)
         searchers.check_index_type(index)
@@ -139,7 +161,8 @@ class PatchIndex:
             built = searchers.build_flat_shards(bank, shards)
         man = Manifest(embedding_dim=int(bank.shape[1]), memory_bank={"file": BANK_FILE, "size": len(bank)},
                        index={"type": index, "metric": "L2", "params": params}, **(manifest or {}))
-        out = cls(MemoryBank(bank, sources, images), built, man, gpu=gpu, exact=exact)
+        out = cls(MemoryBank(bank, sources, images), built, man, gpu=gpu, exact=exact, device=device,
+                  precision=precision)
         if out.reranked:
             man.index["params"] = ivf.tune_nprobe(out.searcher, recall_queries, target_recall, tune=nprobe is None,
                                                   seed=seed)
@@ -147,14 +170,17 @@ class PatchIndex:
             raise InputError(f"support_sets must be True, False, 'auto' or 'always', got {support_sets!r}")
         cheap = not out.reranked and float(len(bank)) ** 2 * bank.shape[1] <= SUPPORT_GRAPH_MAX_FLOPS
         if support_sets == "always" or (support_sets in (True, "auto") and cheap):
-            exact_searcher = searchers.KnnSearcher(bank) if not out._sharded.on_gpu else \
-                searchers.ShardedSearcher(searchers.build_flat_shards(bank), gpu=True)
+            # on a device: the index's own exact searcher (no second copy of the bank there)
+            on_device = out.device != "cpu" and index == "flat" and \
+                (out._sharded.on_gpu or device_search.resident(out) == "torch")
+            exact_searcher = out.searcher if on_device else searchers.KnnSearcher(bank)
             out.memory_bank.support = exact_support_sets(bank, exact_searcher, b)
         return out
 
     @classmethod
     def load(cls, path: str | os.PathLike, gpu: bool | None = None, nprobe: int | None = None,
-             exact: str = "auto", backbone: str | None = None, embed_dim: int | None = None) -> "PatchIndex":
+             exact: str = "auto", backbone: str | None = None, embed_dim: int | None = None,
+             device: str | None = None, precision: str = "fp32") -> "PatchIndex":
         """Open the current version of an index directory.
 
         The version is leased (:func:`patchsearch.versions.open_version`): a rebuild
@@ -163,9 +189,10 @@ class PatchIndex:
 
         Args:
             path: the index directory (``<index-dir>/<category>``).
-            gpu: place shards on GPUs; None = when faiss sees GPUs.
+            device, gpu: where it searches and embeds (see :meth:`from_embeddings`);
+                any device, whatever device built the index.
             nprobe: IVF-PQ query-time override of the stored nprobe.
-            exact: see :meth:`from_embeddings`.
+            exact, precision: see :meth:`from_embeddings`.
             backbone, embed_dim: if given, the index must have been built with them.
 
         Raises:
@@ -176,7 +203,7 @@ class PatchIndex:
         for attempt in range(5):
             lease = open_version(path)
             try:
-                out = cls._read(lease, path, gpu, exact)
+                out = cls._read(lease, path, gpu, exact, device, precision)
                 break
             except (IndexFormatError, FileNotFoundError):
                 lease.release()
@@ -189,7 +216,7 @@ class PatchIndex:
         return out
 
     @classmethod
-    def _read(cls, lease: Lease, shown: Path, gpu, exact) -> "PatchIndex":
+    def _read(cls, lease: Lease, shown: Path, gpu, exact, device=None, precision="fp32") -> "PatchIndex":
         base = lease.path
         man = read_manifest(base, shown)
         try:
@@ -207,7 +234,7 @@ class PatchIndex:
             shards = [searchers.read_shard(base / s["file"], dim, s["stop"] - s["start"]) for s in man.index["shards"]]
         except KeyError as exc:
             raise IndexFormatError(f"{shown}: incomplete manifest (no {exc})") from None
-        return cls(bank, shards, man, gpu=gpu, exact=exact, lease=lease)
+        return cls(bank, shards, man, gpu=gpu, exact=exact, lease=lease, device=device, precision=precision)
 
     def _expect(self, backbone: str | None, embed_dim: int | None) -> None:
         built = (self.manifest.backbone or {}).get("name")
@@ -381,7 +408,9 @@ class PatchIndex:
         """Search the patch embeddings of N images.
 
         Args:
-            patches: float32 (N, P, d) patch embeddings.
+            patches: float32 (N, P, d) patch embeddings: numpy, or a torch tensor (on an
+                index searching on a GPU it stays there: k-NN and Eq. 7 run on the device
+                and only the results come back, :func:`patchsearch.device_search.search_tensor`).
             k: neighbours reported per patch (1 <= k <= M).
             b: support-set size of Eq. 7 (clipped to M).
 
@@ -391,6 +420,8 @@ class PatchIndex:
         Raises:
             InputError: wrong shape or dimension, NaN/inf values, k outside [1, M].
         """
+        if device_search.is_tensor(patches):
+            return device_search.search_tensor(self, patches, k, b)
         patches = np.asarray(patches)
         if patches.ndim != 3 or patches.shape[2] != self.dim or patches.shape[1] == 0:
             raise InputError(f"patches must be (N, P, {self.dim}), got {patches.shape}")
@@ -423,6 +454,7 @@ class PatchIndex:
 
         if self.path is None:
             raise InputError("add_images needs an index loaded from or saved to an index directory")
+        kwargs.setdefault("device", self.device)
         return add_images(self.path, images, embedder=getattr(self, "_embedder", None), **kwargs)
 
     def remove_images(self, images, **kwargs) -> "PatchIndex":
@@ -432,6 +464,7 @@ class PatchIndex:
 
         if self.path is None:
             raise InputError("remove_images needs an index loaded from or saved to an index directory")
+        kwargs.setdefault("device", self.device)
         return remove_images(self.path, images, **kwargs)
 
     # images (thin delegation to patchsearch.query) ------------------------------------

@@ -55,7 +55,7 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
           calibration_fraction: float = CALIBRATION_FRACTION,
           target_fpr: float | None = None, margin: float | None = None, min_region_area: int = 0,
           batch_size: int = 16, workers: int = 0, ray_address: str | None = None, ray_options: dict | None = None,
-          progress: bool = False, log: Log = lambda msg: None) -> PatchIndex:
+          progress: bool = False, log: Log = lambda msg: None, device: str | None = None) -> PatchIndex:
     """Build a PatchCore memory-bank index from defect-free images, with a calibrated threshold.
 
     Writes a new version of ``out_dir``: the Arrow patch store of every raw patch
@@ -101,21 +101,26 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
         ray_options: keyword arguments of :func:`~patchsearch.distributed.embed.embed_store`
             (``num_workers``, ``cpus_per_worker``, ``chunk_images``, ``max_restarts``, ``max_task_retries``,
             ``on_partition``).
+        device: where the backbone, the support-set graph and the calibration search run
+            (``cpu``, ``cuda``, ``cuda:N``, ``auto``; default ``cpu``; Ray workers pick their
+            own). Nothing of it is written into the index: it is queried on any device.
 
     Returns:
-        The built :class:`PatchIndex` (``path`` = ``out_dir``).
+        The built :class:`PatchIndex` (``path`` = ``out_dir``), searching on ``device``.
 
     Raises:
-        InputError: no image, an unreadable training image, bad options.
+        InputError: no image, an unreadable training image, bad options, a bad ``device``.
         WeightsUnavailableError: backbone weights cannot be loaded.
         patchsearch.distributed.DistributedError: Ray missing, or a Ray worker died past its retries.
         VersionConflict: another writer installed a version of ``out_dir`` while this build ran
             (nothing installed: run it again).
     """
     from .data import frame_size
+    from .device import move_module, resolve_device
     from .features import DEFAULT_BACKBONE, PatchEmbedder, resolve_norm
     from .geometry import TILE_OVERLAP, choose_geometry
 
+    device = resolve_device(device or "cpu")
     image_paths = [Path(p) for p in image_paths]
     if not image_paths:
         raise InputError("no training image given")
@@ -132,7 +137,7 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
     t0 = time.perf_counter()
     backbone = backbone or DEFAULT_BACKBONE
     norm = resolve_norm(input_norm, backbone, geometry.mode)
-    embedder = PatchEmbedder(backbone, layers, weights, embed_dim, input_norm=norm)
+    embedder = move_module(PatchEmbedder(backbone, layers, weights, embed_dim, input_norm=norm), device)
     timings["load_backbone"] = time.perf_counter() - t0
     with _install_over(out_dir, started_over, "build") as tmp:
         t0 = time.perf_counter()
@@ -155,7 +160,7 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
         meta = {"category": category, "backbone": embedder.describe(), "geometry": geometry.to_dict(),
                 "grid": grid, "extra": {"decode": {"bit_depth": bit_depth}}}
         built = index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params,
-                                 progress, log)
+                                 progress, log, device)
         built._embedder = embedder
         if held:
             t0 = time.perf_counter()
@@ -215,7 +220,7 @@ def embed_frames(writer: PatchStoreWriter, paths: Sequence[Path], embedder, geom
 def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None, seed: int | None = None,
             shards: int | None = None, index: str | None = None, index_params: dict | None = None,
             data_root: str | os.PathLike | None = None, weights: str | None = None, batch_size: int = 16,
-            progress: bool = False, log: Log = lambda msg: None) -> PatchIndex:
+            progress: bool = False, log: Log = lambda msg: None, device: str | None = None) -> PatchIndex:
     """Rebuild an index from its Arrow patch store, without images (but its calibration frames).
 
     Options left None keep the values recorded in the manifest. With the same
@@ -230,6 +235,8 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
             they were recorded, :func:`patchsearch.refit.calibration_frames`).
         weights: the state-dict file, for an index built with ``--weights`` (re-fitting).
         batch_size: frames per backbone batch when re-fitting.
+        device: where the support-set graph is computed and the returned index searches
+            (default ``cpu``; see :func:`build`).
 
     Raises:
         IndexFormatError: no index, or its patch store is missing or corrupted.
@@ -238,8 +245,10 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
         VersionConflict: another writer installed a version after this rebuild read its own
             (nothing installed: run it again).
     """
+    from .device import resolve_device
     from .refit import rebuilt_calibration, refit_problem
 
+    device = resolve_device(device or "cpu")
     index_dir = Path(index_dir)
     with open_version(index_dir) as lease:
         old = read_manifest(lease.path, index_dir)
@@ -267,7 +276,7 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
                 except OSError:
                     shutil.copyfile(lease.path / name, tmp / name)
             built = index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params,
-                                     progress, log)
+                                     progress, log, device)
             if old.calibration:
                 t0 = time.perf_counter()
                 built.manifest.calibration, note = rebuilt_calibration(
@@ -317,12 +326,14 @@ def kept_ivf_params(recorded: dict, given: dict | None, same_bank: bool) -> dict
 
 
 def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: float, seed: int, shards: int,
-                     index: str, index_params: dict | None, progress: bool, log: Log) -> PatchIndex:
+                     index: str, index_params: dict | None, progress: bool, log: Log,
+                     device: str = "cpu") -> PatchIndex:
     """Coreset, memory bank, support sets and FAISS shards from the patch store in ``directory``.
 
     Args:
         meta: manifest fields to carry (category, backbone, geometry, grid, store).
         timings: filled with seconds per stage (coreset, index).
+        device: where the index (its support-set graph, later searches) runs.
 
     Returns:
         the :class:`PatchIndex` (not yet written: call ``write(directory)``).
@@ -352,7 +363,7 @@ def index_from_store(directory: Path, meta: dict, timings: dict, coreset_ratio: 
             recall_queries = store.embeddings(pick)
     built = PatchIndex.from_embeddings(store.embeddings(selected), shards, index, **(index_params or {}),
                                        recall_queries=recall_queries, seed=seed, sources=sources,
-                                       images=store.image_paths(), manifest=meta, gpu=False)
+                                       images=store.image_paths(), manifest=meta, device=device)
     timings["index"] = time.perf_counter() - t0
     for key, value in timings.items():
         timings[key] = round(value, 3)

@@ -13,6 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .device import is_tensor, move_module
+from .device_search import embed
 from .errors import IndexFormatError, InputError
 from .index import K, PatchIndex
 from .bank import B
@@ -45,6 +47,9 @@ def input_norm_of(backbone: dict) -> dict:
 def embedder_for(index: PatchIndex, weights: str | None = None, cache: dict | None = None):
     """The :class:`~patchsearch.features.PatchEmbedder` ``index`` was built with (cached on it).
 
+    One made here is put on the index's device (:attr:`PatchIndex.device`); one from
+    ``cache`` or set on the index stays where it is (its owner placed it).
+
     Args:
         weights: the state-dict file, for an index built with ``--weights`` (the
             manifest records its name and SHA-256, not a path on the build machine).
@@ -71,8 +76,9 @@ def embedder_for(index: PatchIndex, weights: str | None = None, cache: dict | No
     key = embedder_key(index)
     emb = cache.get(key) if cache is not None else None
     if emb is None:
-        emb = PatchEmbedder(bb["name"], bb["layers"], weights, bb["embed_dim"] if bb.get("reduced") else None,
-                            input_norm_of(bb))
+        emb = move_module(PatchEmbedder(bb["name"], bb["layers"], weights,
+                                        bb["embed_dim"] if bb.get("reduced") else None, input_norm_of(bb)),
+                          getattr(index, "device", None))
     if emb.dim != index.dim:
         raise IndexFormatError(f"backbone {bb['name']} gives {emb.dim}-d embeddings, index holds {index.dim}-d")
     if recorded.get("sha256") and emb.weights_id.get("sha256") and recorded["sha256"] != emb.weights_id["sha256"]:
@@ -116,7 +122,8 @@ def iter_query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: in
             part = _search_tensor(index, images[start:start + batch_size].float(), k, b, weights)
             if maps:
                 h, w = part.grid
-                part.anomaly_maps = list(anomaly_maps(part.patch_scores.reshape(-1, h, w), images.shape[-2:], sigma))
+                part.anomaly_maps = list(anomaly_maps(part.patch_scores.reshape(-1, h, w), images.shape[-2:], sigma,
+                                                      device=index.device))
             part.threshold = image_t
             yield part
         return
@@ -128,7 +135,7 @@ def iter_query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: in
         n = len(batch.good) + len(batch.errors)
         part = None
         if batch.tensor is not None:
-            emb = embedder_for(index, weights)(batch.tensor).numpy()
+            emb = embed(embedder_for(index, weights), batch.tensor)  # stays on the embedder's device
             part = judge(index, emb, batch.frame_sizes, k, b, maps, sigma, threshold, regions)
         result = _expand(part, [i - first for i in batch.good], n, {i - first: e for i, e in batch.errors.items()},
                          [str(p) for p in paths[first:first + n]], k, maps)
@@ -142,7 +149,8 @@ def judge(index: PatchIndex, embeddings: np.ndarray, frame_sizes, k: int = K, b:
 
     Args:
         embeddings: float32 (N * T, h, w, d) patch embeddings of the frames' T tiles each
-            (frame-major), as the index's embedder returns them for
+            (frame-major; numpy, or a torch tensor, searched on the index's device), as the
+            index's embedder returns them for
             ``geometry_of(index).frame_tensor(frame)`` stacked.
         frame_sizes: (width, height) of each of the N original frames, pixels.
         k, b, maps, sigma, threshold, regions: see :func:`query`.
@@ -158,7 +166,8 @@ def judge(index: PatchIndex, embeddings: np.ndarray, frame_sizes, k: int = K, b:
     n = len(frame_sizes)
     if n == 0 or len(embeddings) % n:
         raise InputError(f"{len(embeddings)} tile embeddings do not divide into {n} frames")
-    part = _search_embeddings(index, np.asarray(embeddings), k, b, tiles=len(embeddings) // n)
+    emb = embeddings if is_tensor(embeddings) else np.asarray(embeddings)
+    part = _search_embeddings(index, emb, k, b, tiles=len(embeddings) // n)
     part.threshold, part.pixel_threshold = image_t, pixel_t
     if maps:
         add_maps(index, part, frame_sizes, sigma, regions)
@@ -183,7 +192,7 @@ def add_maps(index: PatchIndex, part: SearchResult, frame_sizes, sigma: float = 
     """
     _, _, min_area = thresholds_of(index)
     pixel_t = part.pixel_threshold if regions else None
-    _frame_maps(part, geometry_of(index), list(frame_sizes), sigma, pixel_t, min_area)
+    _frame_maps(part, geometry_of(index), list(frame_sizes), sigma, pixel_t, min_area, index.device)
     return part
 
 
@@ -232,11 +241,11 @@ def query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 1
 
 def _search_tensor(index: PatchIndex, batch, k: int, b: int, weights, tiles: int = 1) -> SearchResult:
     """Embed (B * tiles, 3, th, tw) and search each frame's tiles together as one image."""
-    return _search_embeddings(index, embedder_for(index, weights)(batch).numpy(), k, b, tiles)
+    return _search_embeddings(index, embed(embedder_for(index, weights), batch), k, b, tiles)
 
 
-def _search_embeddings(index: PatchIndex, emb: np.ndarray, k: int, b: int, tiles: int = 1) -> SearchResult:
-    """Search (B * tiles, h, w, d) embeddings, each frame's tiles together as one image."""
+def _search_embeddings(index: PatchIndex, emb, k: int, b: int, tiles: int = 1) -> SearchResult:
+    """Search (B * tiles, h, w, d) embeddings (numpy or torch), each frame's tiles together as one image."""
     n, h, w, d = emb.shape
     result = index.search(emb.reshape(n // tiles, tiles * h * w, d), k, b)
     result.grid, result.tiles = (h, w), tiles
@@ -244,15 +253,16 @@ def _search_embeddings(index: PatchIndex, emb: np.ndarray, k: int, b: int, tiles
 
 
 def _frame_maps(part: SearchResult, geometry, frame_sizes, sigma: float, pixel_t: float | None,
-                min_area: int) -> None:
-    """Anomaly maps on each original frame (tiles stitched) and, with a pixel threshold, regions."""
+                min_area: int, device: str | None = None) -> None:
+    """Anomaly maps on each original frame (tiles stitched; upsampled and blurred on ``device``)
+    and, with a pixel threshold, regions."""
     from .regions import defect_regions
 
     h, w = part.grid
     scores = part.patch_scores.reshape(len(frame_sizes), part.tiles, h, w)
     part.anomaly_maps, part.regions = [], [] if pixel_t is not None else None
     for grid, size in zip(scores, frame_sizes):
-        amap = geometry.frame_map(geometry.stitch(grid) if part.tiles > 1 else grid[0], size, sigma)
+        amap = geometry.frame_map(geometry.stitch(grid) if part.tiles > 1 else grid[0], size, sigma, device=device)
         part.anomaly_maps.append(amap)
         if pixel_t is not None:
             found = defect_regions(amap, pixel_t, min_area, geometry.scale(size))

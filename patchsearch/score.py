@@ -39,7 +39,8 @@ def reweighted_scores(test_patches: np.ndarray, s_star: np.ndarray, support: np.
     return (weight * s_star).astype(np.float32)
 
 
-def anomaly_maps(patch_scores: np.ndarray, size: tuple[int, int], sigma: float = SIGMA) -> np.ndarray:
+def anomaly_maps(patch_scores: np.ndarray, size: tuple[int, int], sigma: float = SIGMA,
+                 device: str | None = None) -> np.ndarray:
     """Anomaly maps from patch-score grids (PatchCore §3.3).
 
     The grid is upsampled bilinearly to ``size`` and smoothed with a Gaussian of
@@ -50,17 +51,21 @@ def anomaly_maps(patch_scores: np.ndarray, size: tuple[int, int], sigma: float =
         patch_scores: float (N, h, w) nearest-neighbour L2 distance per patch.
         size: (H, W) output size in pixels (the crop size).
         sigma: Gaussian standard deviation in pixels; 0 disables the blur.
+        device: torch device the upsampling and blur run on (default: the CPU); only the
+            maps come back.
 
     Returns:
-        float32 (N, H, W).
+        float32 (N, H, W) numpy.
     """
     import torch
     import torch.nn.functional as F
     from torchvision.transforms.functional import gaussian_blur
 
     t = torch.as_tensor(np.asarray(patch_scores, dtype=np.float32))[:, None]
+    if device is not None and device != "cpu":
+        t = t.to(device)
     t = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
     if sigma > 0:
         k = 2 * int(4.0 * sigma + 0.5) + 1
         t = gaussian_blur(t, kernel_size=[k, k], sigma=[sigma, sigma])
-    return t[:, 0].numpy()
+    return t[:, 0].cpu().numpy()

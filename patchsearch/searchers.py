@@ -121,9 +121,10 @@ class ShardedSearcher:
         shards: CPU faiss indexes, shard i holding ``shard_bounds(M, len(shards))[i]``.
         gpu: place shards on GPUs; None = when :func:`num_gpus` > 0. IVF-PQ layouts
             that FAISS GPU cannot hold stay on the CPU.
+        gpu_ids: the GPUs the shards go to (round robin); None = every GPU faiss sees.
     """
 
-    def __init__(self, shards: list, gpu: bool | None = None):
+    def __init__(self, shards: list, gpu: bool | None = None, gpu_ids: list[int] | None = None):
         f = faiss()
         self.cpu_shards = shards
         self.is_ivf = f.try_extract_index_ivf(shards[0]) is not None
@@ -136,7 +137,10 @@ class ShardedSearcher:
         self._resources = []
         placed = shards
         if self.on_gpu:
-            plan = gpu_plan(len(shards), ngpu, pq_m=shards[0].pq.M if self.is_ivf else None)
+            plan = gpu_plan(len(shards), len(gpu_ids) if gpu_ids else ngpu,
+                            pq_m=shards[0].pq.M if self.is_ivf else None)
+            for p in plan if gpu_ids else []:
+                p["device"] = gpu_ids[p["device"]]
             placed, self._resources = place_on_gpus(shards, plan, f)
         self.placed = placed
         # FAISS GPU indexes (their resources) take one calling thread at a time.

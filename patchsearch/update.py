@@ -146,8 +146,9 @@ def _covering_radius(index: PatchIndex, store: PatchStore, project, space: str, 
 # index pieces
 
 def _open_base(index_dir: Path) -> tuple[PatchIndex, PatchStore]:
-    """The current version and its patch store; IndexFormatError if it cannot be updated."""
-    index = PatchIndex.load(index_dir)
+    """The current version (read, not searched: on the CPU) and its patch store; IndexFormatError
+    if it cannot be updated."""
+    index = PatchIndex.load(index_dir, device="cpu")
     try:
         man = index.manifest
         if not (man.store or {}).get("files") or index.memory_bank.sources is None:
@@ -250,16 +251,18 @@ def _link(src: Path, dst: Path) -> None:
 
 def _finish(index: PatchIndex, bank: np.ndarray, sources: dict, support, shards: list, store: PatchStore,
             partitions: list[int], record: dict, radius: float, space: str, data_root, batch_size: int,
-            log: Log, embedder=None, weights: str | None = None) -> PatchIndex:
-    """The new version's PatchIndex (calibration re-fitted, history appended), not yet written."""
+            log: Log, embedder=None, weights: str | None = None, device: str | None = None) -> PatchIndex:
+    """The new version's PatchIndex (calibration re-fitted on ``device``, history appended), not yet written."""
     man = copy.deepcopy(index.manifest)
     man.created = None
     man.coreset = {**(man.coreset or {}), "radius": radius, "radius_space": space}
     man.store = {**man.store, "files": list(store.files), "num_patches": store.num_patches,
                  "num_images": store.num_images, "partitions": partitions}
-    built = PatchIndex(MemoryBank(bank, sources, store.image_paths(), support), shards, man, gpu=False)
+    built = PatchIndex(MemoryBank(bank, sources, store.image_paths(), support), shards, man, device=device or "cpu")
     if embedder is not None:
-        built._embedder = embedder
+        from .device import move_module
+
+        built._embedder = move_module(embedder, device)
     cal, note = refit(built, index.manifest.calibration, data_root, batch_size, f"patchsearch {record['action']}",
                       weights, grown=record["action"] == "add")
     built.manifest.calibration = cal
@@ -285,7 +288,7 @@ def _record(action: str, frames: list[str], index: PatchIndex, store_before: Pat
 def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
                data_root: str | os.PathLike | None = None, weights: str | None = None, batch_size: int = 16,
                workers: int = 0, progress: bool = False, log: Log = lambda msg: None,
-               embedder=None) -> PatchIndex:
+               embedder=None, device: str | None = None) -> PatchIndex:
     """Add good frames to the current version of an index: a new version (see the module docstring).
 
     Args:
@@ -296,9 +299,13 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
         weights: the state-dict file, for an index built with ``--weights``.
         batch_size, workers: frames per backbone batch, decoding worker processes.
         embedder: a :class:`~patchsearch.features.PatchEmbedder` already loaded for this index.
+        device: where the new frames are embedded and the thresholds re-fitted
+            (:mod:`patchsearch.device`; default: the CPU, or ``embedder``'s device). A given
+            ``embedder`` is moved there.
 
     Returns:
-        the new version, loaded. Frames already in the store (same SHA-256; also repeated
+        the new version, loaded for inspection on the CPU (load it with ``device=`` to
+        search on a GPU). Frames already in the store (same SHA-256; also repeated
         ones in ``paths``) are skipped; when every frame is, nothing is written and the
         current version is returned as it is.
 
@@ -309,9 +316,12 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
     from .pipeline import embed_frames
     from .query import embedder_for, geometry_of
 
+    from .device import move_module, resolve_device
+
     index_dir, paths = Path(index_dir), [Path(p) for p in paths]
     if not paths:
         raise InputError("no frame to add")
+    device = resolve_device(device) if device is not None else None
     t_start = time.perf_counter()
     index, store = _open_base(index_dir)
     try:
@@ -333,7 +343,7 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
             log(f"nothing to add: the index at {index_dir} is unchanged ({index.version})")
             return index
         _reuse(index, embedder)
-        embedder = embedder_for(index, weights)
+        embedder = move_module(embedder_for(index, weights), device)
         geometry = geometry_of(index)
         bit_depth = (index.manifest.extra.get("decode") or {}).get("bit_depth")
         project, space = _projector(index.manifest, index.dim)
@@ -375,7 +385,7 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
                 f"({start} -> {len(bank)} rows; covering radius {radius:.4f}, {space}, L2) in {t_cover:.2f} s")
             t0 = time.perf_counter()
             built = _finish(index, bank, sources, support, shards, grown, partitions + [part], record, radius,
-                            space, data_root, batch_size, log, embedder, weights)
+                            space, data_root, batch_size, log, embedder, weights, device)
             record["seconds"] = {"embed": round(t_embed, 3), "cover": round(t_cover, 3),
                                  "index": round(t_index, 3), "calibrate": round(time.perf_counter() - t0, 3),
                                  "total": round(time.perf_counter() - t_start, 3)}
@@ -384,7 +394,7 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
     finally:
         index.close()
     tidy(index_dir)
-    return PatchIndex.load(index_dir)
+    return PatchIndex.load(index_dir, device="cpu")  # for inspection: nothing goes to a GPU for it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,25 +459,28 @@ def _rewrite(src: PatchStore, directory: Path, partition: int, first_id: int, dr
 
 def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
                   data_root: str | os.PathLike | None = None, weights: str | None = None, batch_size: int = 16,
-                  log: Log = lambda msg: None, embedder=None) -> PatchIndex:
+                  log: Log = lambda msg: None, embedder=None, device: str | None = None) -> PatchIndex:
     """Take frames back out of the current version of an index: a new version (module docstring).
 
     Args:
         paths: the frames, by their path as recorded in the store (relative to ``data_root``)
             or by their file (matched by SHA-256).
-        data_root, weights, batch_size, embedder: as :func:`add_images` (paths; the held-aside
-            calibration frames are re-scored with the backbone).
+        data_root, weights, batch_size, embedder, device: as :func:`add_images` (paths; the
+            held-aside calibration frames are re-scored with the backbone on ``device``).
 
     Returns:
-        the new version, loaded.
+        the new version, loaded for inspection on the CPU.
 
     Raises:
         InputError: no frame given, a frame not in the store, or every frame of the store.
         IndexFormatError: no index, or one without a patch store.
     """
+    from .device import resolve_device
+
     index_dir, paths = Path(index_dir), [Path(p) for p in paths]
     if not paths:
         raise InputError("no frame to remove")
+    device = resolve_device(device) if device is not None else None
     t_start = time.perf_counter()
     index, store = _open_base(index_dir)
     try:
@@ -549,7 +562,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
                 f"covering radius {radius:.4f}, {space}, L2) in {t_cover:.2f} s")
             t0 = time.perf_counter()
             built = _finish(index, bank, sources, support, shards, shrunk, new_parts, record, radius, space,
-                            root, batch_size, log, getattr(index, "_embedder", None), weights)
+                            root, batch_size, log, getattr(index, "_embedder", None), weights, device)
             record["seconds"] = {"cover": round(t_cover, 3), "index": round(t_index, 3),
                                  "calibrate": round(time.perf_counter() - t0, 3),
                                  "total": round(time.perf_counter() - t_start, 3)}
@@ -558,7 +571,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     finally:
         index.close()
     tidy(index_dir)
-    return PatchIndex.load(index_dir)
+    return PatchIndex.load(index_dir, device="cpu")  # for inspection: nothing goes to a GPU for it
 
 
 def history(manifest) -> list[dict]:

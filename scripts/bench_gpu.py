@@ -14,6 +14,9 @@ One table (markdown on stdout, and ``--json FILE``):
   - ``faiss-gpu IVF-PQ``: trained on the GPU with the library's parameters
     (``ivf.auto_params(layout="pq")``), the smallest power-of-two nprobe reaching recall@9
     >= 0.95 on 2,000 other queries, ``rerank`` x 9 candidates re-ranked exactly;
+  - ``PatchIndex(device=cuda)``: the library on the device (faiss-gpu shards where installed,
+    else its torch search, :mod:`patchsearch.torch_search`), numpy queries, and ``, tensors``:
+    queries already on the device (k-NN and Eq. 7 there, only results copied back);
   - ``torch fp32 / tf32 / bf16``: brute force on the device (``||b||^2 - 2 q.b`` by matmul,
     then top-k; tf32 / bf16: 64 candidates re-ranked with exact fp32 differences) and Eq. 7
     in torch, only scores and k = 9 results copied back.
@@ -354,13 +357,16 @@ def search_rows(bench: Bench, rows: int, d: int, n_img: int, floors: dict, check
     bench.row("faiss-gpu flat fp16 storage", size, library_row(1, float16=True))
     bench.row("faiss-gpu IVF-PQ + exact re-rank", size, ivf_row)
     if "device" in inspect.signature(PatchIndex.from_embeddings).parameters:
-        def lib_device():
-            index = PatchIndex.from_embeddings(bank.cpu().numpy(), device=str(dev))
-            q_np = q.view(n_img, P, d).cpu().numpy()
-            t, res_ = bench.timed(lambda: index.search(q_np))
-            return rate(t, "fp32", {"recall_at_9": recall(torch.from_numpy(res_.locations.reshape(-1, K)),
-                                                          truth["rows"]) if "rows" in truth else None})
-        bench.row(f"PatchIndex(device={dev.type})", size, lib_device)
+        def lib_device(tensors: bool):
+            def run():
+                index = PatchIndex.from_embeddings(bank.cpu().numpy(), device=str(dev))
+                q_in = q.view(n_img, P, d) if tensors else q.view(n_img, P, d).cpu().numpy()
+                t, res_ = bench.timed(lambda: index.search(q_in))
+                return rate(t, "fp32", {"recall_at_9": recall(torch.from_numpy(res_.locations.reshape(-1, K)),
+                                                              truth["rows"]) if "rows" in truth else None})
+            return run
+        bench.row(f"PatchIndex(device={dev.type})", size, lib_device(False))
+        bench.row(f"PatchIndex(device={dev.type}), tensors", size, lib_device(True))
     if not bench.cuda:
         def cpu_ref():
             index = PatchIndex.from_embeddings(bank.numpy(), gpu=False)

@@ -12,7 +12,6 @@ unmarked: it runs everywhere.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
 import subprocess
 import sys
@@ -209,17 +208,24 @@ def test_patch_embedder_on_the_device_equals_cpu(cuda):
 
 
 @pytest.mark.gpu
-def test_patch_index_device_equals_cpu(cuda):
-    if "device" not in inspect.signature(PatchIndex.from_embeddings).parameters:
-        pytest.skip("PatchIndex.from_embeddings has no device= here")
+@pytest.mark.parametrize("exact,precision", [("auto", "fp32"), ("torch", "fp32"), ("torch", "tf32"),
+                                             ("torch", "bf16")])
+def test_patch_index_device_equals_cpu(cuda, exact, precision):
+    """PatchIndex(device="cuda"): faiss-gpu shards (exact="auto" where faiss-gpu is installed)
+    or the torch search on the device; numpy input, and tensors that stay on the device."""
+    from patchsearch import device_search
+
     bank, q = _data(20000, 152, 784 * 3)
-    cpu = PatchIndex.from_embeddings(bank, gpu=False)
-    dev = PatchIndex.from_embeddings(bank, device="cuda")
+    cpu = PatchIndex.from_embeddings(bank, device="cpu")
+    dev = PatchIndex.from_embeddings(bank, device="cuda", exact=exact, precision=precision)
+    assert device_search.resident(dev) in ("torch", "faiss")
     patches = q.reshape(3, 784, -1)
-    a, b = cpu.search(patches), dev.search(patches)
-    np.testing.assert_allclose(b.image_scores, a.image_scores, rtol=RTOL)
-    assert_same_neighbours(q, bank, a.distances.reshape(-1, 9), a.locations.reshape(-1, 9),
-                           b.distances.reshape(-1, 9), b.locations.reshape(-1, 9))
+    a = cpu.search(patches)
+    for b in (dev.search(patches), dev.search(torch.from_numpy(patches).to(cuda))):
+        np.testing.assert_allclose(b.image_scores, a.image_scores, rtol=RTOL)
+        assert (b.top_patches == a.top_patches).all()
+        assert_same_neighbours(q, bank, a.distances.reshape(-1, 9), a.locations.reshape(-1, 9),
+                               b.distances.reshape(-1, 9), b.locations.reshape(-1, 9))
 
 
 # ---------------------------------------------------------------- everywhere

@@ -98,8 +98,9 @@ class Registry:
 
     Args:
         index_dir: holds one index directory per category (``<index-dir>/<category>/CURRENT``).
-        device: where the backbone runs (``cpu``, ``cuda``, ``cuda:1``); FAISS places
-            shards on GPUs by itself when faiss-gpu sees them.
+        device: where the backbone and the search run (``cpu``, ``cuda``, ``cuda:1``;
+            :mod:`patchsearch.device`): FAISS shards on the GPUs where faiss-gpu sees them,
+            else the torch search on the device (:meth:`PatchIndex.load`).
         max_batch, max_wait_s, max_queue: see :class:`~patchsearch.batcher.Batcher` (per
             backbone and input size).
         on_batch: callback(batch size); on_reload: callback(category, outcome) with outcome
@@ -163,7 +164,7 @@ class Registry:
 
     def _load(self, category: str, path: Path, version: str | None) -> None:
         try:
-            index = PatchIndex.load(path)
+            index = PatchIndex.load(path, device=self.device)  # searches where the backbone runs
         except (PatchsearchError, OSError) as exc:
             log.error("%s: cannot load %s: %s", category, version, exc)
             self._failed[category] = version
