@@ -15,22 +15,22 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import InputError
+from .frameinfo import (ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, FrameInfo,  # noqa: F401 (API)
+                        decode_cost_bytes, open_frame, probe_frame)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_DATA_ROOT = "./datasets/MVTecAD"
-# Decoding a 20000 x 20000 RGB image takes 1.2 GB before resizing; refuse beyond this.
-MAX_IMAGE_PIXELS = 100_000_000
-MIN_IMAGE_SIDE = 16
+MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS  # the former name
 
 
 def default_data_root() -> Path:
@@ -144,20 +144,19 @@ def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def frame_size(path: str | os.PathLike) -> tuple[int, int]:
+def frame_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) of an image file from its header (pixels are not decoded).
 
     Raises:
-        InputError: the file cannot be read as an image.
+        InputError: the file cannot be read as an image of an allowed format, or is
+            larger than ``max_pixels`` (see :func:`probe_frame`).
     """
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path}: not a readable image ({exc})") from None
+    info = probe_frame(path, max_pixels)
+    return info.width, info.height
 
 
-def load_image(path: str | os.PathLike, bit_depth: int | None = None) -> Image.Image:
+def load_image(path: str | os.PathLike, bit_depth: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an image file to 8-bit RGB.
 
     Grayscale, palette and RGBA (alpha dropped) images are converted. Frames of more
@@ -169,21 +168,19 @@ def load_image(path: str | os.PathLike, bit_depth: int | None = None) -> Image.I
         bit_depth: the camera's bit depth (8, 10, 12 or 16) for frames of more than 8
             bits; None = from the file's mode (16 for 16-bit and 32-bit integer images).
             Floating-point images (mode ``F``) are taken as 0..1.
+        max_pixels: the pixel budget (width x height), checked from the header.
 
     Raises:
-        InputError: empty, truncated, undecodable, too small (< 16 px a side) or too
-            large (> 100 megapixels) image; the message names the file.
+        UnsupportedFormatError: not an image of :data:`ALLOWED_FORMATS`.
+        FrameTooLargeError: more than ``max_pixels`` pixels (refused before decoding).
+        InputError: empty, truncated, undecodable or too small (< 16 px a side) image;
+            the message names the file.
     """
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise InputError(f"{path}: empty file (0 bytes)")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    return _decode(path, str(path), bit_depth)
+    return _decode(Path(path), str(path), bit_depth, max_pixels)
 
 
-def decode_image(data: bytes, bit_depth: int | None = None, name: str = "image") -> Image.Image:
+def decode_image(data: bytes, bit_depth: int | None = None, name: str = "image",
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes (a file's content, e.g. an HTTP request body) to 8-bit RGB,
     exactly as :func:`load_image` decodes the same bytes from a file.
 
@@ -191,79 +188,69 @@ def decode_image(data: bytes, bit_depth: int | None = None, name: str = "image")
         data: the encoded image (PNG, JPEG, BMP, TIFF, ...).
         bit_depth: see :func:`load_image`.
         name: what error messages call the image.
+        max_pixels: see :func:`load_image`.
 
     Raises:
-        InputError: empty, truncated, undecodable, too small or too large image (the
-            same checks and messages as :func:`load_image`, naming ``name``).
+        InputError (and its UnsupportedFormatError, FrameTooLargeError): the same checks
+            and messages as :func:`load_image`, naming ``name``.
     """
     if not data:
         raise InputError(f"{name}: empty file (0 bytes)")
-    return _decode(io.BytesIO(data), name, bit_depth)
+    return _decode(io.BytesIO(data), name, bit_depth, max_pixels)
 
 
-def _decode(source, name: str, bit_depth: int | None) -> Image.Image:
-    """Open, check the size from the header, decode and convert ``source`` (a path or a
-    binary file object); errors are InputError naming ``name``."""
+def _decode(source, name: str, bit_depth: int | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (allowed formats only), check the header against the budget, decode and convert
+    ``source`` (a path or a binary file object); errors are InputError naming ``name``."""
+    img, _, name = open_frame(source, max_pixels, name)
     try:
-        with Image.open(source) as img:
-            width, height = img.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise InputError(f"{name}: image is {width}x{height}, larger than the {MAX_IMAGE_PIXELS} pixel limit")
-            if min(width, height) < MIN_IMAGE_SIDE:
-                raise InputError(f"{name}: image is {width}x{height}, smaller than {MIN_IMAGE_SIDE} pixels a side")
+        with img:
             img.load()
-            return _to_rgb(img, bit_depth)
+            return _to_rgb(img, bit_depth, name)
     except InputError:
         raise
-    except FileNotFoundError:
-        raise InputError(f"{name}: no such file") from None
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{name}: image larger than the {MAX_IMAGE_PIXELS} pixel limit ({exc})") from None
-    except UnidentifiedImageError:
-        raise InputError(f"{name}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{name}: image larger than the pixel limit ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"{name}: cannot decode image ({exc})") from None
 
 
 BIT_DEPTHS = (8, 10, 12, 16)
 
 
-def _to_rgb(img: Image.Image, bit_depth: int | None) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        if img.mode == "F":
-            peak = 1.0
-        else:
-            peak = float(2 ** (bit_depth or 16) - 1)
-        arr = np.asarray(img, dtype=np.float64)
-        arr = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-    return img.convert("RGB")
+def _to_rgb(img: Image.Image, bit_depth: int | None, name: str = "image") -> Image.Image:
+    from .frames import to_rgb8
+
+    return to_rgb8(img, bit_depth, name)
 
 
 class ImageDataset:
     """Map-style dataset of frame paths -> (tensor (T, 3, th, tw) float32, index, None, (w, h)).
 
-    ``geometry`` is a :class:`patchsearch.geometry.Geometry`. A file that fails to
-    decode yields ``(None, index, message, None)`` instead of raising, so one bad frame
-    does not stop a batch; :func:`collate` separates them.
+    ``geometry`` is a :class:`patchsearch.geometry.Geometry`; frames are prepared by
+    :func:`patchsearch.frames.prepare_frame` (reduced early, in bounded memory). A file
+    that fails yields ``(None, index, (message, reason), None)`` instead of raising, so
+    one bad frame does not stop a batch; :func:`collate` separates them.
     """
 
-    def __init__(self, paths: Sequence[Path], geometry, bit_depth: int | None = None):
+    def __init__(self, paths: Sequence[Path], geometry, bit_depth: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.paths = list(paths)
         self.geometry = geometry
         self.bit_depth = bit_depth
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        from .frames import error_reason, prepare_frame
+
         try:
-            img = load_image(self.paths[i], self.bit_depth)
-            return self.geometry.frame_tensor(img), i, None, img.size
+            tensor, size = prepare_frame(self.paths[i], self.geometry, self.bit_depth, self.max_pixels)
+            return tensor, i, None, size
         except InputError as exc:
-            return None, i, str(exc), None
+            return None, i, (str(exc), error_reason(exc)), None
 
 
 @dataclass
@@ -276,12 +263,14 @@ class Batch:
         good: indices (into the path list) of the B readable frames.
         errors: {index: message} of the unreadable ones.
         frame_sizes: (width, height) of each readable frame, in ``good`` order.
+        reasons: {index: reason} of the unreadable ones (:func:`patchsearch.frames.error_reason`).
     """
 
     tensor: object
     good: list[int]
     errors: dict[int, str]
     frame_sizes: list[tuple[int, int]]
+    reasons: dict[int, str] = field(default_factory=dict)
 
 
 def collate(items) -> Batch:
@@ -289,20 +278,22 @@ def collate(items) -> Batch:
     import torch
 
     good = [(t, i, size) for t, i, err, size in items if err is None]
-    errors = {i: err for _, i, err, _ in items if err is not None}
+    bad = {i: (err, "unreadable") if isinstance(err, str) else err for _, i, err, _ in items if err is not None}
     tensor = torch.cat([t for t, _, _ in good]) if good else None
-    return Batch(tensor, [i for _, i, _ in good], errors, [size for _, _, size in good])
+    return Batch(tensor, [i for _, i, _ in good], {i: e[0] for i, e in bad.items()}, [size for _, _, size in good],
+                 {i: e[1] for i, e in bad.items()})
 
 
 def iter_batches(paths: Sequence[Path], geometry, batch_size: int = 16, workers: int = 0,
-                 bit_depth: int | None = None):
+                 bit_depth: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Yield one :class:`Batch` per ``batch_size`` frames, in order.
 
-    At most ``batch_size`` decoded frames (times the worker prefetch) are in memory.
+    At most ``batch_size`` prepared frames (times the worker prefetch) are in memory, and
+    one decoded frame at a time per worker.
     """
     import torch
 
-    dataset = ImageDataset(paths, geometry, bit_depth)
+    dataset = ImageDataset(paths, geometry, bit_depth, max_pixels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=collate)
     yield from loader

@@ -107,11 +107,11 @@ def thresholds_of(index: PatchIndex, threshold: float | None = None) -> tuple[fl
 
 def iter_query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 16, maps: bool = True,
                sigma: float = SIGMA, threshold: float | None = None, regions: bool = True,
-               weights: str | None = None) -> Iterator[SearchResult]:
+               weights: str | None = None, max_pixels: int | None = None) -> Iterator[SearchResult]:
     """Like :func:`query`, one :class:`SearchResult` per batch of images (bounded memory)."""
     import torch
 
-    from .data import iter_batches
+    from .data import DEFAULT_MAX_PIXELS, iter_batches
 
     image_t, pixel_t, _ = thresholds_of(index, threshold)
     embedder_for(index, weights)  # fail before reading any frame if the index cannot embed
@@ -130,15 +130,19 @@ def iter_query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: in
     paths = [Path(p) for p in images]
     geometry = geometry_of(index)
     bit_depth = (index.manifest.extra.get("decode") or {}).get("bit_depth")
-    for batch in iter_batches(paths, geometry, batch_size, bit_depth=bit_depth):
+    budget = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    for batch in iter_batches(paths, geometry, batch_size, bit_depth=bit_depth, max_pixels=budget):
         first = min(batch.good + list(batch.errors))
         n = len(batch.good) + len(batch.errors)
         part = None
         if batch.tensor is not None:
             emb = embed(embedder_for(index, weights), batch.tensor)  # stays on the embedder's device
-            part = judge(index, emb, batch.frame_sizes, k, b, maps, sigma, threshold, regions)
+            part = judge(index, emb, batch.frame_sizes, k, b, False, sigma, threshold, regions)
+            if maps or (regions and part.pixel_threshold is not None):  # regions need no frame-size map
+                add_maps(index, part, batch.frame_sizes, sigma, regions, maps)
         result = _expand(part, [i - first for i in batch.good], n, {i - first: e for i, e in batch.errors.items()},
                          [str(p) for p in paths[first:first + n]], k, maps)
+        result.reasons = {i - first: r for i, r in batch.reasons.items()}
         result.threshold, result.pixel_threshold = image_t, pixel_t
         yield result
 
@@ -175,30 +179,35 @@ def judge(index: PatchIndex, embeddings: np.ndarray, frame_sizes, k: int = K, b:
 
 
 def add_maps(index: PatchIndex, part: SearchResult, frame_sizes, sigma: float = SIGMA,
-             regions: bool = True) -> SearchResult:
+             regions: bool = True, maps: bool = True) -> SearchResult:
     """Anomaly maps (and, with a pixel threshold, defect regions) of frames already searched.
 
-    :func:`judge` with ``maps=False`` followed by this equals :func:`judge`: the service
-    searches a batch in one call and draws each frame's map in its own request thread.
+    :func:`judge` with ``maps=False, regions=False`` followed by this equals :func:`judge`:
+    the service searches a batch in one call and draws each frame's map in its own request
+    thread. The map is made at the backbone input's resolution (Gaussian of ``sigma`` input
+    pixels) and the regions are found there and scaled to frame pixels
+    (:func:`patchsearch.regions.frame_regions`); only ``maps=True`` resizes it to the frame.
 
     Args:
         part: :class:`SearchResult` of N frames from :func:`judge` (``grid`` and ``tiles``
             set; ``pixel_threshold`` as it left it). Filled in place.
         frame_sizes: (width, height) of each of the N original frames, pixels.
         sigma, regions: see :func:`query`.
+        maps: also set ``anomaly_maps`` (at frame resolution, see :class:`SearchResult`).
 
     Returns:
-        ``part``, with ``anomaly_maps`` (and ``regions`` when it has a pixel threshold).
+        ``part``, with ``anomaly_maps`` (with ``maps``) and ``regions`` (when it has a
+        pixel threshold; a frame with a NaN or infinite score has none: it is ERROR).
     """
     _, _, min_area = thresholds_of(index)
     pixel_t = part.pixel_threshold if regions else None
-    _frame_maps(part, geometry_of(index), list(frame_sizes), sigma, pixel_t, min_area, index.device)
+    _frame_maps(part, geometry_of(index), list(frame_sizes), sigma, pixel_t, min_area, maps, index.device)
     return part
 
 
 def query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 16, maps: bool = True,
           sigma: float = SIGMA, threshold: float | None = None, regions: bool = True,
-          weights: str | None = None) -> SearchResult:
+          weights: str | None = None, max_pixels: int | None = None) -> SearchResult:
     """Embed and search images with the backbone the index was built with.
 
     Args:
@@ -207,21 +216,27 @@ def query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 1
             preprocessed (ImageNet-normalised backbone input).
         k, b: see :meth:`PatchIndex.search`.
         batch_size: images embedded at a time.
-        maps: compute anomaly maps (one float32 (h, w) per frame: see :class:`SearchResult`).
+        maps: keep the anomaly maps (one float32 (h, w) per frame at frame resolution,
+            resized once from the input-resolution map: see :class:`SearchResult`).
         sigma: Gaussian blur of the anomaly maps, input pixels (PatchCore: 4).
         threshold: image threshold overriding the calibrated one (L2).
-        regions: find defect regions (needs maps and a calibrated pixel threshold).
+        regions: find defect regions (needs a calibrated pixel threshold; found on the
+            input-resolution map, reported in frame pixels, also without ``maps``).
         weights: see :func:`embedder_for`.
+        max_pixels: the pixel budget per frame (default
+            :data:`patchsearch.data.DEFAULT_MAX_PIXELS`): larger frames are ERROR
+            ``too_large``, refused from their header.
 
     Returns:
         :class:`SearchResult` with ``paths`` (for path input), ``anomaly_maps``,
-        ``regions``, ``threshold`` (hence ``decisions``) and ``errors`` for unreadable images.
+        ``regions``, ``threshold`` (hence ``decisions``, always OK, NG or ERROR) and
+        ``errors`` / ``reasons`` for frames that could not be read.
 
     Raises:
         InputError: no image, a bad tensor shape.
         IndexFormatError: see :func:`embedder_for`.
     """
-    parts = list(iter_query(index, images, k, b, batch_size, maps, sigma, threshold, regions, weights))
+    parts = list(iter_query(index, images, k, b, batch_size, maps, sigma, threshold, regions, weights, max_pixels))
     if not parts:
         raise InputError("no image to query")
     out = SearchResult(
@@ -235,6 +250,7 @@ def query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 1
     offset = 0
     for p in parts:
         out.errors.update({offset + i: e for i, e in p.errors.items()})
+        out.reasons.update({offset + i: r for i, r in p.reasons.items()})
         offset += len(p.image_scores)
     return out
 
@@ -253,25 +269,24 @@ def _search_embeddings(index: PatchIndex, emb, k: int, b: int, tiles: int = 1) -
 
 
 def _frame_maps(part: SearchResult, geometry, frame_sizes, sigma: float, pixel_t: float | None,
-                min_area: int, device: str | None = None) -> None:
-    """Anomaly maps on each original frame (tiles stitched; upsampled and blurred on ``device``)
-    and, with a pixel threshold, regions."""
-    from .regions import defect_regions
+                min_area: int, maps: bool = True, device: str | None = None) -> None:
+    """Anomaly maps of each frame (tiles stitched) at input resolution (upsampled and blurred
+    on ``device``), regions found there (with a pixel threshold) in frame pixels, and with
+    ``maps`` the maps resized to the frames."""
+    from .regions import frame_regions
 
     h, w = part.grid
     scores = part.patch_scores.reshape(len(frame_sizes), part.tiles, h, w)
-    part.anomaly_maps, part.regions = [], [] if pixel_t is not None else None
+    part.anomaly_maps = [] if maps else None
+    part.regions = [] if pixel_t is not None else None
     for grid, size in zip(scores, frame_sizes):
-        amap = geometry.frame_map(geometry.stitch(grid) if part.tiles > 1 else grid[0], size, sigma, device=device)
-        part.anomaly_maps.append(amap)
-        if pixel_t is not None:
-            found = defect_regions(amap, pixel_t, min_area, geometry.scale(size))
-            left, top = geometry.crop_box(*size)[:2]
-            for r in found:  # crop mode: the crop's offset in the frame (0 in whole-frame mode)
-                r["bbox"] = [int(r["bbox"][0] + left), int(r["bbox"][1] + top), int(r["bbox"][2] + left),
-                             int(r["bbox"][3] + top)]
-                r["peak_xy"] = [int(r["peak_xy"][0] + left), int(r["peak_xy"][1] + top)]
-            part.regions.append(found)
+        grid = geometry.stitch(grid) if part.tiles > 1 else grid[0]
+        imap = anomaly_maps(grid[None], geometry.input_size, sigma, device=device)
+        if maps:
+            part.anomaly_maps.append(geometry.map_to_frame(imap, size)[0])
+        if pixel_t is not None:  # a NaN map (a frame that cannot be judged) has no region: it is ERROR
+            ok = bool(np.isfinite(imap).all())
+            part.regions.append(frame_regions(imap[0], pixel_t, min_area, geometry, size) if ok else [])
 
 
 def _expand(part: SearchResult | None, good: list[int], n: int, errors: dict, paths: list[str], k: int,
