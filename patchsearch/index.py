@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ivf, searchers
+from . import ivf, lowp, searchers
 from .bank import B, BANK_FILE, MemoryBank, check_embeddings, exact_support_sets, read_bank, \
     support_from_neighbours, write_bank
 from .errors import IndexFormatError, InputError, check_finite
@@ -26,10 +26,6 @@ from .score import reweighted_scores
 from .versions import Lease, current_version, new_version, open_version
 
 K = 9  # nearest neighbours reported per patch
-# exact="auto" no longer picks the int8 pass: on the 2-core Xeon (AVX512-VNNI, AMX-INT8),
-# in three runs at 16k-160k x 512/1536, it was slower than faiss.IndexFlatL2 in 13 of 18
-# measurements and faster at no shape in all three (README, int8 table); it stays
-# available as exact="int8".
 # Precompute the bank's exact kNN graph (support sets of every row) only where it is cheap:
 # M^2 d <= this (about 16k x 152 or 5k x 1536; measured 1.6 s / 0.7 s on the 2-core Xeon,
 # see the README's support-set table). Larger banks and IVF indexes search N_b(m*) at
@@ -49,13 +45,13 @@ class PatchIndex:
         memory_bank: the :class:`~patchsearch.bank.MemoryBank`.
         manifest: the :class:`~patchsearch.format.Manifest` (build metadata).
         searcher: the :class:`~patchsearch.searchers.Searcher` answering :meth:`knn`.
+        precision: candidate precision of exact flat search, ``"fp32"``, ``"bf16"`` or
+            ``"int8"`` (:mod:`patchsearch.lowp`; ``"fp32"`` for IVF and GPU indexes).
         path: the index directory it was loaded from or saved to, or None.
     """
 
     def __init__(self, memory_bank: MemoryBank, shards: list, manifest: Manifest, gpu: bool | None = None,
                  exact: str = "auto", lease: Lease | None = None):
-        if exact not in ("faiss", "int8", "auto"):
-            raise InputError(f"exact search must be faiss, int8 or auto, got {exact!r}")
         self.memory_bank = memory_bank
         self.manifest = manifest
         self.path: Path | None = None
@@ -65,12 +61,12 @@ class PatchIndex:
         self._support_cache: OrderedDict = OrderedDict()  # (bank row, b) -> int64 (b,)
         self._support_lock = threading.Lock()
         self._exact_bank = None  # searchers.KnnSearcher over the bank, made on first need
+        self.precision = lowp.choose(exact, memory_bank.size, memory_bank.dim, self._sharded.on_gpu)
         if self._sharded.is_ivf:
             self.searcher = ivf.IVFPQSearcher(self._sharded, self.bank, manifest.index["params"])
-        elif not self._sharded.on_gpu and exact == "int8":
-            from .int8 import Int8Searcher
-
-            self.searcher = Int8Searcher(self.bank, self._sharded)  # codes built on first search
+            self.precision = "fp32"
+        elif not self._sharded.on_gpu and self.precision != "fp32":
+            self.searcher = lowp.LowpSearcher(self.bank, self._sharded, self.precision)  # codes built on first search
 
     # construction -------------------------------------------------------------------
     @classmethod
@@ -109,10 +105,15 @@ class PatchIndex:
             sources, images: where each bank row came from (see :class:`MemoryBank`).
             manifest: build metadata for the manifest (category, backbone, geometry, ...).
             gpu: place shards on GPUs; None = when faiss sees GPUs.
-            exact: flat search on CPU: ``"faiss"`` (IndexFlatL2), ``"int8"``
-                (:class:`patchsearch.int8.Int8Searcher`, needs torch >= 2.3; its codes are
-                built on the first search, not on load) or ``"auto"`` (faiss: the int8
-                pass was not measured faster on this project's CPU, see the README).
+            exact: how flat search on the CPU finds its exact neighbours: ``"fp32"``
+                (also ``"faiss"``: ``faiss.IndexFlatL2`` only), ``"bf16"`` or ``"int8"``
+                (reduced-precision candidates on the CPU's matrix units, re-ranked in
+                fp32 with a completeness check per query and an fp32 fallback,
+                :class:`patchsearch.lowp.LowpSearcher`; needs torch; its codes are built
+                on the first search, not on load), or ``"auto"``: the kind
+                :func:`patchsearch.lowp.choose` measured faster for this CPU and bank
+                size, else fp32. Results are the same exact neighbours either way; the
+                kind chosen is :attr:`precision`.
 
         Raises:
             InputError: not a non-empty 2-D float array, NaN/inf values, bad shard count,

@@ -1,4 +1,4 @@
-"""IVF-PQ, precomputed support sets, int8 exact search and rebuild from the Arrow store."""
+"""IVF-PQ, precomputed support sets and rebuild from the Arrow store."""
 
 import json
 
@@ -9,9 +9,7 @@ from click.testing import CliRunner
 from patchsearch import PatchIndex
 from patchsearch.cli import main
 from patchsearch.errors import InputError
-from patchsearch.int8 import Int8Searcher
 from patchsearch.ivf import IVFPQSearcher, auto_params, build_shards, gpu_layout_ok, recall_at_k
-from patchsearch.searchers import ShardedSearcher, build_flat_shards
 
 
 def _clustered(m=6000, d=32, seed=0):
@@ -146,27 +144,6 @@ def test_precomputed_support_sets_equal_two_search_path():
     a, b = index.search(q), two_search.search(q)
     np.testing.assert_array_equal(a.image_scores, b.image_scores)
     np.testing.assert_array_equal(a.locations, b.locations)
-
-
-def test_int8_flat_gives_exact_results():
-    bank = _clustered(5000, 64)
-    q = _clustered(500, 64, seed=9) + np.float32(0.3)
-    flat = ShardedSearcher(build_flat_shards(bank, 1))
-    fast = Int8Searcher(bank, flat, candidates=16, chunk=128)
-    d, r = fast.search(q, 9)
-    exact = np.sqrt(((q[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1))
-    truth = np.argsort(exact, 1, kind="stable")[:, :9]
-    np.testing.assert_array_equal(r, truth)
-    np.testing.assert_allclose(np.sqrt(d), np.take_along_axis(exact, truth, 1), rtol=1e-5)
-    assert 0 < fast.fallbacks < len(q)  # 16 candidates: the check passes some, sends others to faiss
-    default = Int8Searcher(bank, flat)  # 32 candidates: here the check accepts every candidate set
-    np.testing.assert_array_equal(default.search(q, 9)[1], truth)
-    assert default.fallbacks == 0
-    few = Int8Searcher(bank, flat, candidates=10)  # too few candidates: the check sends queries to faiss
-    np.testing.assert_array_equal(few.search(q, 9)[1], truth)
-    assert few.fallbacks > 0
-    index = PatchIndex.from_embeddings(bank, exact="int8")
-    np.testing.assert_array_equal(index.knn(q, 9)[1], truth)
 
 
 def test_rebuild_from_arrow_store(tmp_path, mvtec_root):
