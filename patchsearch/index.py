@@ -93,7 +93,9 @@ class PatchIndex:
             target_recall: recall@9 that nprobe is tuned to on ``recall_queries``
                 (default :data:`patchsearch.ivf.TARGET_RECALL`, 0.97).
             recall_queries: float32 (n, d) held-aside patches for measuring IVF
-                recall@9 (default: 1000 bank rows, themselves excluded).
+                recall@9 (default: min(1000, M / 10) seeded bank rows held aside, left
+                out of the exact and IVF neighbours while measuring:
+                :func:`patchsearch.ivf.held_aside_recall`).
             support_sets: precompute N_b(m) for every bank row (the bank's exact kNN
                 graph, O(M^2 d)) so that a query needs one search instead of two (Eq. 7).
                 ``"auto"`` or True: only for flat indexes where M^2 d <=
