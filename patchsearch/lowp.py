@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import threading
 
 import numpy as np
@@ -48,8 +49,7 @@ from .searchers import rerank
 PRECISIONS = ("fp32", "bf16", "int8", "auto")
 U32 = 2.0 ** -24        # unit roundoff of float32
 U_BF16 = 2.0 ** -8      # of bfloat16 (8-bit significand)
-CANDIDATES = 64         # candidate rows per query before widening
-GROUP = 4               # rows per candidate group (see :func:`select`)
+CANDIDATES = 32         # candidate rows per query before widening (at least k + 8)
 WIDEN = 8               # the second try takes WIDEN x as many from the same scores
 CHUNK_ELEMENTS = 2 ** 24  # queries per GEMM chunk: (chunk, M) scores of at most this many elements
 # ``auto`` takes the reduced-precision stage only for banks where its fixed costs pay:
@@ -165,7 +165,7 @@ class LowpSearcher:
         kind: ``"bf16"`` or ``"int8"``.
         candidates: candidate rows per query before widening (at least k; rounded up
             to whole groups).
-        group: rows per candidate group (:func:`select`).
+        group: rows per candidate group (:func:`select`; default :func:`group_size`).
         chunk: queries per GEMM (default: :data:`CHUNK_ELEMENTS` / M, within [16, 4096]).
 
     Attributes:
@@ -176,14 +176,14 @@ class LowpSearcher:
     """
 
     def __init__(self, bank: np.ndarray, fallback, kind: str = "bf16", candidates: int = CANDIDATES,
-                 group: int = GROUP, chunk: int | None = None):
+                 group: int | None = None, chunk: int | None = None):
         if kind not in ("bf16", "int8"):
             raise InputError(f"reduced-precision kind must be bf16 or int8, got {kind!r}")
         self.bank = bank
         self.fallback = fallback
         self.kind = kind
         self.candidates = int(candidates)
-        self.group = int(group)
+        self.group = group
         self.chunk = chunk or int(min(4096, max(16, CHUNK_ELEMENTS // max(1, len(bank)))))
         self.stats = {"queries": 0, "widened": 0, "fallbacks": 0}
         self._state = None
@@ -269,7 +269,7 @@ class LowpSearcher:
         n, m = len(queries), st["m"]
         if st.get("broken"):
             return self._fallback(queries, k)
-        c = max(self.candidates, k)
+        c = min(max(self.candidates, k + 8), m)
         dist = np.empty((n, k), np.float32)
         rows = np.empty((n, k), np.int64)
         widened = fallbacks = 0
@@ -279,7 +279,7 @@ class LowpSearcher:
                 keys, terms = self._keys(q)
                 d2, r, ok = self._try(q, keys, terms, c, k)
                 bad = np.nonzero(~ok)[0]
-                if bad.size and c < m // self.group:
+                if bad.size and c < m:
                     widened += int(bad.size)
                     d2[bad], r[bad], ok2 = self._try(q[bad], keys[bad], {t: v[bad] for t, v in terms.items()},
                                                      c * WIDEN, k)
@@ -323,7 +323,8 @@ class LowpSearcher:
             bits[:, d:d + 8] = bf16_bits(extra)  # all bfloat16-exact
             qb = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
             scores = torch.mm(qb, st["codes"].T)  # ~ -(lower bound of ||q - x||^2) / 2 - shift
-            return scores.view(torch.int16).numpy(), {"pn2": pn2, "big": big * 1.01 + shift, "shift": shift}
+            return scores.view(torch.int16).numpy().view(np.uint16), {"pn2": pn2, "big": big * 1.01 + shift,
+                                                                     "shift": shift}
         p = torch.from_numpy(p)
         p64 = torch.from_numpy(p64)
         sp = max(float(p.abs().max()), 1e-30) / 127.0
@@ -341,49 +342,49 @@ class LowpSearcher:
         """Re-rank the c best-keyed rows of each query; returns (squared L2 (n, k), rows
         (n, k), bool (n,): candidate set proven complete)."""
         st = self._state
-        cand, thr = select(keys, c, self.group)
+        cand, thr, bad = select(keys, c, self.group or min(64, group_size(st["m"], c)))
         d2, r = rerank(q, self.bank, cand, k)
         pn2 = terms["pn2"]
         if thr is None:  # every row was a candidate
-            return d2, r, np.ones(len(q), bool)
+            return d2, r, ~bad
         if self.kind == "bf16":
-            import torch
-
-            worst = torch.from_numpy(thr.astype(np.int16)).view(torch.bfloat16).double().numpy()
+            worst = bf16_value(thr.astype(np.uint16))
             up = worst + U_BF16 * np.abs(worst) / (1 - U_BF16)  # the largest fp32 sum behind this bf16 score
             gamma = (st["width"] + 8) * U32 / (1 - (st["width"] + 8) * U32)
             low = -2 * (up + terms["shift"]) - 2 * gamma * terms["big"] - 4 * U32 * terms["big"]
-            ok = keys.max(axis=1) < 0  # every score negative, as the shift makes them
         else:
-            i = thr.astype(np.int32)
+            i = (thr.astype(np.uint32) ^ np.uint32(0x80000000)).view(np.int32)
             worst = (i ^ ((i >> 31) & 0x7FFFFFFF)).view(np.float32).astype(np.float64)
             low = pn2 + worst - 2 * terms["eps"] - 8 * U32 * terms["big"]
-            ok = np.ones(len(q), bool)
         delta = 1.001 * U32 * (np.sqrt(pn2) + st["r_max"])  # fp32 centring of q and x
         low = np.maximum(np.sqrt(np.maximum(low, 0.0)) - delta, 0.0) ** 2
         kth = d2[:, -1].astype(np.float64) * (1 + (st["d"] + 4) * U32)  # fp32 re-ranking
-        return d2, r, ok & (kth < low)
+        return d2, r, ~bad & (kth < low)  # bf16: every score negative, as the shift makes them
 
 
 def _sortable(keys: np.ndarray) -> np.ndarray:
-    """int64 keys ordered as ``keys`` (int16, or float32 through its bit pattern)."""
-    if keys.dtype == np.float32:
-        i = keys.view(np.int32)
-        return (i ^ ((i >> 31) & 0x7FFFFFFF)).astype(np.int64)
-    return keys.astype(np.int64)
+    """Unsigned keys ordered as ``keys``: uint16 as they are (bf16 bit patterns of
+    negative scores), float32 through its bit pattern (as uint32)."""
+    if keys.dtype == np.uint16:
+        return keys
+    i = keys.view(np.int32)
+    return (i ^ ((i >> 31) & 0x7FFFFFFF)).view(np.uint32) ^ np.uint32(0x80000000)
 
 
 def _smallest(keys: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
     """Columns (n, c) of the c smallest of (n, w) keys (ties broken by column) and the
-    largest key taken (n,), as int64 sortable keys (:func:`_sortable`)."""
+    largest :func:`_sortable` key taken (n,)."""
     n, w = keys.shape
-    comp = (_sortable(keys) << 32) | np.arange(w, dtype=np.int64)  # unique: exactly c per row below
+    key = _sortable(keys)
+    bits = 16 if key.dtype == np.uint16 and w < 2 ** 16 else 32
+    wide = np.uint32 if bits == 16 else np.uint64
+    comp = (key.astype(wide) << wide(bits)) | np.arange(w, dtype=wide)  # unique: exactly c per row below
     thr = np.partition(comp, c - 1, axis=1)[:, c - 1]
-    cols = np.nonzero(comp <= thr[:, None])[1].reshape(n, c)
-    return cols, thr >> 32
+    cols = (np.flatnonzero(comp <= thr[:, None]) % w).reshape(n, c)
+    return cols, (thr >> wide(bits)).astype(np.uint64)
 
 
-def select(keys: np.ndarray, c: int, g: int) -> tuple[np.ndarray, np.ndarray | None]:
+def select(keys: np.ndarray, c: int, g: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """The c rows with the smallest keys of each query, exactly, and a threshold that no
     other row's key is below.
 
@@ -394,24 +395,37 @@ def select(keys: np.ndarray, c: int, g: int) -> tuple[np.ndarray, np.ndarray | N
     last rows are candidates of every query.
 
     Args:
-        keys: (n, M) int16 or float32, smaller = nearer.
+        keys: (n, M) uint16 (bit patterns of negative bfloat16 scores: smaller = larger
+            score) or float32, smaller = nearer.
 
     Returns:
-        (int64 (n, c + M - g G) candidate rows, (n,) int64 sortable threshold: every
-        other row has :func:`_sortable` key >= it), or (all rows, None) where c >= G.
+        (int64 (n, c + M - g G) candidate rows, (n,) uint64 threshold: every other row
+        has :func:`_sortable` key >= it, bool (n,) a uint16 key of the query was not a
+        negative bfloat16), or (all rows, None, that bool) where c >= G.
     """
     n, m = keys.shape
     G = m // g
     if c >= G:
-        return np.ascontiguousarray(np.broadcast_to(np.arange(m, dtype=np.int64), (n, m))), None
+        bad = (keys < 0x8000).any(1) if keys.dtype == np.uint16 else np.zeros(n, bool)
+        return np.ascontiguousarray(np.broadcast_to(np.arange(m, dtype=np.int64), (n, m))), None, bad
     mins = keys[:, :G * g].reshape(n, g, G).min(axis=1)
+    bad = (mins < 0x8000).any(1) if keys.dtype == np.uint16 else np.zeros(n, bool)
+    if m > G * g and keys.dtype == np.uint16:
+        bad |= (keys[:, G * g:] < 0x8000).any(1)
     groups, _ = _smallest(mins, c)
     union = (groups[:, None, :] + (np.arange(g, dtype=np.int64) * G)[None, :, None]).reshape(n, c * g)
-    cols, thr = _smallest(np.take_along_axis(keys, union, 1), c)
+    flat = union + (np.arange(n, dtype=np.int64) * m)[:, None]
+    cols, thr = _smallest(np.take(np.ascontiguousarray(keys).reshape(-1), flat), c)
     cand = np.take_along_axis(union, cols, 1)
     if m > G * g:
         cand = np.concatenate([cand, np.broadcast_to(np.arange(G * g, m, dtype=np.int64), (n, m - G * g))], 1)
-    return np.ascontiguousarray(cand), thr
+    return np.ascontiguousarray(cand), thr, bad
+
+
+def group_size(rows: int, c: int) -> int:
+    """Rows per group for :func:`select`: the power of two nearest sqrt(rows / c) (the
+    (n, G) minima and the (n, c g) union then cost about the same), within [1, 64]."""
+    return int(2 ** round(math.log2(max(1.0, math.sqrt(rows / max(c, 1)))))) if rows > c else 1
 
 
 @functools.lru_cache(maxsize=8)

@@ -86,20 +86,24 @@ def test_near_ties_fail_the_check_and_fall_back_to_exact_search(kind, monkeypatc
 
 def test_select_takes_exactly_the_smallest_keys_and_bounds_the_rest():
     rng = np.random.default_rng(0)
-    for dtype in (np.float32, np.int16):
-        keys = (rng.integers(-30000, -1, (50, 1003)) if dtype == np.int16 else
+    for dtype in (np.float32, np.uint16):
+        keys = (rng.integers(0x8000, 0xFF7F, (50, 1003)) if dtype == np.uint16 else
                 rng.standard_normal((50, 1003)) * 100).astype(dtype)
         keys[:, 5:40] = keys[:, 4:5]  # many ties
-        cand, thr = lowp.select(keys, 24, 16)
-        assert cand.shape == (50, 24 + 1003 - 62 * 16)
+        cand, thr, bad = lowp.select(keys, 24, 16)
+        assert cand.shape == (50, 24 + 1003 - 62 * 16) and not bad.any()
         for row, c, t in zip(keys, cand, thr):
             assert len(set(c.tolist())) == len(c)
-            chosen = np.sort(row[c[:24]])
-            np.testing.assert_array_equal(chosen, np.sort(row[:62 * 16])[:24])
+            np.testing.assert_array_equal(np.sort(row[c[:24]]), np.sort(row[:62 * 16])[:24])
             others = np.setdiff1d(np.arange(len(row)), c)
-            assert (lowp._sortable(row[others]) >= t).all()
-    all_rows, none = lowp.select(keys, 100, 16)
+            assert (lowp._sortable(row[others]).astype(np.uint64) >= t).all()
+            assert lowp._sortable(row[c[:24]]).astype(np.uint64).max() == t
+    all_rows, none, _ = lowp.select(keys, 100, 16)
     assert none is None and all_rows.shape == (50, 1003)
+    keys[7, 500] = 0x3F80  # bf16 +1.0: a positive score is flagged, wherever it is
+    keys[9, 1001] = 0x0000
+    assert np.nonzero(lowp.select(keys, 24, 16)[2])[0].tolist() == [7, 9]
+    assert lowp.group_size(19251, 32) == 32 and lowp.group_size(16384, 32) == 16 and lowp.group_size(20, 32) == 1
 
 
 def test_auto_choice_follows_cpu_features_bank_size_and_torch(monkeypatch):
