@@ -19,7 +19,7 @@ from .device import gpu_ids, is_tensor, parse_device, resolve_device  # noqa: F4
 from .errors import InputError
 from .result import SearchResult
 
-EXACT = ("faiss", "int8", "torch", "auto")
+EXACT = ("auto", "fp32", "faiss", "bf16", "int8", "torch")
 
 
 @dataclass
@@ -63,25 +63,27 @@ def index_device(device, gpu) -> str:
 def choose(device: str, exact: str, is_ivf: bool) -> Plan:
     """Which searcher an index on ``device`` (resolved) uses for ``exact``.
 
-    * CPU: FAISS (``faiss``/``auto``), the int8 pass (``int8``) or torch (``torch``).
+    * CPU: FAISS (``fp32``/``faiss``), reduced-precision candidates re-ranked exactly
+      (``bf16``/``int8``, or ``auto`` where :func:`patchsearch.lowp.choose` finds them
+      faster) or torch (``torch``).
     * CUDA: FAISS GPU shards where faiss-gpu sees the GPUs (``faiss``/``auto``), else
       torch exact search on the device (``torch``, or ``auto`` without faiss-gpu). IVF
       indexes without faiss-gpu search on the CPU (their layouts have no torch path);
       the backbone and the anomaly maps still run on the device.
 
     Raises:
-        InputError: unknown ``exact``; ``int8`` on a CUDA device.
+        InputError: unknown ``exact``; ``bf16``/``int8`` on a CUDA device.
     """
     if exact not in EXACT:
         raise InputError(f"exact must be one of {', '.join(EXACT)}, got {exact!r}")
     if device == "cpu":
         return Plan(device, False, exact == "torch" and not is_ivf, None)
-    if exact == "int8":
-        raise InputError(f"exact='int8' is a CPU search: load the index with device='cpu', not {device!r}")
+    if exact in ("bf16", "int8"):
+        raise InputError(f"exact={exact!r} is a CPU search: load the index with device='cpu', not {device!r}")
     from .searchers import num_gpus
 
     faiss_gpu = num_gpus() > 0 and exact != "torch"
-    return Plan(device, faiss_gpu, not faiss_gpu and not is_ivf and exact != "faiss", gpu_ids(device))
+    return Plan(device, faiss_gpu, not faiss_gpu and not is_ivf and exact not in ("faiss", "fp32"), gpu_ids(device))
 
 
 def resident(index) -> str | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import device_search, ivf, searchers
+from . import device_search, ivf, lowp, searchers
 from .bank import B, BANK_FILE, MemoryBank, check_embeddings, exact_support_sets, read_bank, \
     support_from_neighbours, write_bank
 from .errors import IndexFormatError, InputError, check_finite
@@ -26,10 +26,6 @@ from .score import reweighted_scores
 from .versions import Lease, current_version, new_version, open_version
 
 K = 9  # nearest neighbours reported per patch
-# exact="auto" no longer picks the int8 pass: on the 2-core Xeon (AVX512-VNNI, AMX-INT8),
-# in three runs at 16k-160k x 512/1536, it was slower than faiss.IndexFlatL2 in 13 of 18
-# measurements and faster at no shape in all three (README, int8 table); it stays
-# available as exact="int8".
 # Precompute the bank's exact kNN graph (support sets of every row) only where it is cheap:
 # M^2 d <= this (about 16k x 152 or 5k x 1536; measured 1.6 s / 0.7 s on the 2-core Xeon,
 # see the README's support-set table). Larger banks and IVF indexes search N_b(m*) at
@@ -51,6 +47,9 @@ class PatchIndex:
         searcher: the :class:`~patchsearch.searchers.Searcher` answering :meth:`knn`.
         reranked: True for IVF indexes (approximate candidates re-ranked with exact L2),
             False for flat: :func:`patchsearch.searchers.reranked` of the manifest's type.
+        precision: candidate precision of exact search: ``"fp32"``, ``"bf16"`` or ``"int8"``
+            on the CPU (:mod:`patchsearch.lowp`), the torch search's on a device
+            (:mod:`patchsearch.torch_search`); ``"fp32"`` for IVF and FAISS GPU indexes.
         path: the index directory it was loaded from or saved to, or None.
         device: where this index searches and embeds (``"cpu"``, ``"cuda"``, ``"cuda:N"``):
             a runtime choice (:mod:`patchsearch.device`), not part of the index.
@@ -74,16 +73,19 @@ class PatchIndex:
         self._sharded = searchers.ShardedSearcher(shards, gpu=plan.faiss_gpu, gpu_ids=plan.gpu_ids)
         self.searcher = self._sharded
         self._init_search_state()
+        self.precision = "fp32"
         if self.reranked:
             self.searcher = ivf.IVFPQSearcher(self._sharded, self.bank, manifest.index["params"])
         elif plan.torch:
             from .torch_search import TorchSearcher
 
             self.searcher = TorchSearcher(self.bank, self.device, precision)  # the bank goes to the device here
-        elif not self._sharded.on_gpu and exact == "int8":
-            from .int8 import Int8Searcher
-
-            self.searcher = Int8Searcher(self.bank, self._sharded)  # codes built on first search
+            self.precision = precision
+        elif not self._sharded.on_gpu:
+            kind = lowp.choose("fp32" if exact == "torch" else exact, memory_bank.size, memory_bank.dim)
+            if kind != "fp32":
+                self.searcher = lowp.LowpSearcher(self.bank, self._sharded, kind)  # codes built on first search
+                self.precision = kind
 
     def _init_search_state(self) -> None:
         """The support-set cache and the lazily made exact searcher (subclasses that do not
@@ -118,7 +120,9 @@ class PatchIndex:
             target_recall: recall@9 that nprobe is tuned to on ``recall_queries``
                 (default :data:`patchsearch.ivf.TARGET_RECALL`, 0.97).
             recall_queries: float32 (n, d) held-aside patches for measuring IVF
-                recall@9 (default: 1000 bank rows, themselves excluded).
+                recall@9 (default: min(1000, M / 10) seeded bank rows held aside, left
+                out of the exact and IVF neighbours while measuring:
+                :func:`patchsearch.ivf.held_aside_recall`).
             support_sets: precompute N_b(m) for every bank row (the bank's exact kNN
                 graph, O(M^2 d)) so that a query needs one search instead of two (Eq. 7).
                 ``"auto"`` or True: only for flat indexes where M^2 d <=
@@ -131,18 +135,23 @@ class PatchIndex:
             manifest: build metadata for the manifest (category, backbone, geometry, ...).
             device: where the index searches (and :meth:`query` embeds): ``"cpu"``,
                 ``"cuda"`` (every GPU), ``"cuda:N"`` or ``"auto"`` (cuda where torch or
-                faiss-gpu sees a GPU); None: the older ``gpu`` rule. A runtime choice: nothing
+                faiss-gpu sees a GPU); None: the ``gpu`` rule. A runtime choice: nothing
                 of it is written into the index (:mod:`patchsearch.device`).
-            gpu: older form of ``device``: True = ``"cuda"``, False = ``"cpu"``; with
+            gpu: another form of ``device``: True = ``"cuda"``, False = ``"cpu"``; with
                 neither, ``"cuda"`` where faiss-gpu sees a GPU, else ``"cpu"`` (this
                 default imports no torch).
-            exact: flat search: ``"faiss"`` (IndexFlatL2, on the GPUs where faiss-gpu sees
-                them), ``"int8"`` (CPU only: :class:`patchsearch.int8.Int8Searcher`, needs
-                torch >= 2.3; its codes are built on the first search, not on load),
-                ``"torch"`` (:class:`patchsearch.torch_search.TorchSearcher`: exact search
-                in torch on ``device``, the bank copied there on load) or ``"auto"`` (faiss,
-                except on a CUDA device without faiss-gpu: torch; the int8 pass was not
-                measured faster on this project's CPU, see the README).
+            exact: how flat search finds its exact neighbours: ``"fp32"`` (also
+                ``"faiss"``: ``faiss.IndexFlatL2`` only, on the GPUs where faiss-gpu sees
+                them), ``"bf16"`` or ``"int8"`` (CPU only: reduced-precision candidates on
+                the CPU's matrix units, re-ranked in fp32 with a completeness check per
+                query and an fp32 fallback, :class:`patchsearch.lowp.LowpSearcher`; needs
+                torch; its codes are built on the first search, not on load), ``"torch"``
+                (:class:`patchsearch.torch_search.TorchSearcher`: exact search in torch on
+                ``device``, the bank copied there on load) or ``"auto"``: on the CPU the
+                kind :func:`patchsearch.lowp.choose` measured faster for this CPU and bank
+                size, else fp32; on a CUDA device FAISS GPU shards, or torch without
+                faiss-gpu. Results are the same exact neighbours either way; the kind
+                chosen is :attr:`precision`.
             precision: candidate precision of the torch search (``"fp32"``, ``"tf32"``,
                 ``"bf16"``, ``"fp16"``; results stay exact: :mod:`patchsearch.torch_search`).
 

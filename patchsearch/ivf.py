@@ -21,7 +21,7 @@ shard is a copy of it (``faiss.clone_index``) holding its rows with their bank-r
 (``add_with_ids``). :class:`IVFPQSearcher` takes ``rerank * k`` candidates and re-ranks
 them with exact L2 (:func:`patchsearch.searchers.rerank`), so reported distances are
 exact; nprobe is tuned at build to the smallest value whose recall@9 on held-aside
-patches reaches a target (:func:`tune_nprobe`).
+patches reaches a target (:func:`tune_nprobe`), from 1 up.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def auto_params(rows: int, dim: int, nlist: int | None = None, pq_m: int | None 
       least 2 dimensions per sub-quantizer (152 -> 76).
     * pq_bits (PQ layouts only): ``pq``: 8 (fewer where the bank has fewer rows than 2**8
       centroids); fast scan: 4 (the only width it has).
-    * nprobe: nlist / 16 (the build then tunes it for recall, :func:`tune_nprobe`).
+    * nprobe: nlist / 16 (the build then tunes it for recall from 1 up, :func:`tune_nprobe`).
     * rerank: 8 (8k candidates re-ranked exactly).
 
     Returns:
@@ -264,47 +264,88 @@ def recall_at_k(searcher, bank: np.ndarray, queries: np.ndarray, self_excluded: 
     return hits / (len(queries) * k)
 
 
+def held_aside(rows: int, seed: int = 0) -> np.ndarray:
+    """int64 sorted seeded bank rows held aside for tuning when no held-aside patches are
+    given: min(1000, rows / 10), at least 1."""
+    n = min(1000, max(1, rows // 10))
+    return np.sort(np.random.default_rng(seed).choice(rows, n, replace=False)).astype(np.int64)
+
+
+def _without(found: np.ndarray, held: np.ndarray, k: int) -> np.ndarray:
+    """The first k entries of each row of ``found`` (int64 (n, w)) that are not in ``held``."""
+    keep = ~np.isin(found, held)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept entries first, in their order
+    return np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(found, order, 1), -1)
+
+
+def held_aside_recall(searcher: IVFPQSearcher, bank: np.ndarray, held: np.ndarray) -> tuple:
+    """recall@9 of bank rows ``held`` as if they were not in the bank: they are left out of
+    the exact neighbours and of the IVF candidates (before re-ranking, so each query keeps
+    its ``rerank * k`` candidates).
+
+    Returns:
+        (recall function of the searcher's current nprobe, the exact int64 (n, k) neighbours).
+    """
+    queries = np.ascontiguousarray(bank[held], dtype=np.float32)
+    k = min(RECALL_K, len(bank) - len(held))
+    extra = min(len(bank), k + 16)
+    while True:
+        truth = _without(KnnSearcher(bank).search(queries, extra)[1], held, k)
+        if (truth >= 0).all() or extra == len(bank):
+            break
+        extra = min(len(bank), extra * 2)
+
+    def recall() -> float:
+        want = k * searcher.params["rerank"] if searcher.params.get("rerank", 0) > 0 else k
+        cand = _without(searcher.sharded.search(queries, min(len(bank), want + 16))[1], held, want)
+        got = rerank(queries, bank, cand, k)[1] if want > k else cand  # -1 (held rows left out) only at row ends
+        return sum(len(np.intersect1d(t, g[g >= 0])) for t, g in zip(truth, got)) / truth.size
+
+    return recall, truth
+
+
 def tune_nprobe(searcher: IVFPQSearcher, queries: np.ndarray | None, target: float, tune: bool,
                 seed: int = 0) -> dict:
     """Measure recall@9 and, with ``tune``, set nprobe to the smallest value reaching ``target``.
 
-    Tuning doubles nprobe until recall@9 reaches ``target`` (or nprobe = nlist), then
-    bisects between the last two values (recall grows with nprobe). It starts from 1 with
-    held-aside patches; with bank rows (``queries`` None), which are easier to find than
-    new patches, from nlist / 16, never lower.
+    Tuning starts from nprobe 1 and doubles it until recall@9 reaches ``target`` (or
+    nprobe = nlist), then bisects between the last two values (recall grows with nprobe).
 
     Args:
-        queries: float32 (n, d) held-aside patches (not in the bank), or None: 1000
-            seeded bank rows, themselves excluded.
+        queries: float32 (n, d) held-aside patches (not in the bank), or None: bank rows
+            held aside (:func:`held_aside`), left out of both the exact and the IVF
+            neighbours while measuring (:func:`held_aside_recall`).
 
     Returns:
         the searcher's parameters with ``recall_at_9``, ``recall_queries`` and
         ``recall_queries_kind`` added.
     """
     bank = searcher.bank
-    self_excluded = queries is None
-    if self_excluded:
-        pick = np.random.default_rng(seed).choice(len(bank), min(1000, len(bank)), replace=False)
-        queries = bank[np.sort(pick)]
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    nlist = searcher.params["nlist"]
-    truth = exact_neighbours(bank, queries, self_excluded)  # once, not once per nprobe tried
+    if queries is None:
+        held = held_aside(len(bank), seed)
+        measure, truth = held_aside_recall(searcher, bank, held)
+        kind = "bank rows held aside"
+    else:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        truth = exact_neighbours(bank, queries, False)  # once, not once per nprobe tried
+        kind = "held-aside"
+
+        def measure() -> float:
+            return recall_at_k(searcher, bank, queries, False, truth)
 
     def recall_at(nprobe: int) -> float:
         searcher.set_nprobe(nprobe)
-        return recall_at_k(searcher, bank, queries, self_excluded, truth)
+        return measure()
 
     if tune:
         top = searcher.max_nprobe  # nlist; on GPUs at most GPU_MAX_NPROBE
-        hi = min(top, max(1, nlist // 16) if self_excluded else 1)
-        lo = hi - 1  # recall(lo) < target, or lo is below the start; recall(hi) >= target or hi = top
+        lo, hi = 0, 1  # recall(lo) < target (or lo = 0); recall(hi) >= target or hi = top
         while hi < top and recall_at(hi) < target:
             lo, hi = hi, min(top, hi * 2)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if recall_at(mid) >= target else (mid, hi)
         searcher.set_nprobe(hi)
-    r = recall_at_k(searcher, bank, queries, self_excluded, truth)
-    searcher.params.update({"recall_at_9": round(r, 5), "recall_queries": len(queries),
-                            "recall_queries_kind": "bank rows (self excluded)" if self_excluded else "held-aside"})
+    r = measure()
+    searcher.params.update({"recall_at_9": round(r, 5), "recall_queries": len(truth), "recall_queries_kind": kind})
     return dict(searcher.params)

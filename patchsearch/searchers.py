@@ -9,7 +9,7 @@ nearest first. Callers (:class:`patchsearch.index.PatchIndex`) take the square r
   built by :func:`build_flat_shards`, or IVF-PQ shards (:mod:`patchsearch.ivf`).
   Where faiss sees GPUs, each shard is copied to one (``faiss.index_cpu_to_gpu``).
 * :class:`KnnSearcher`: exact search straight over a bank array (``faiss.knn``).
-* :class:`patchsearch.ivf.IVFPQSearcher` and :class:`patchsearch.int8.Int8Searcher`
+* :class:`patchsearch.ivf.IVFPQSearcher` and :class:`patchsearch.lowp.LowpSearcher`
   wrap a ShardedSearcher with exact re-ranking (:func:`rerank`).
 """
 

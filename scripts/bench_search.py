@@ -7,7 +7,8 @@ Compares, in one process on the same real data (see benchdata.py):
   (``||x||^2 - 2 x.y + ||y||^2``), clamp, sqrt, ``topk``; chunked over queries and bank
   so that it fits in memory;
 * patchsearch flat (``faiss.IndexFlatL2``), flat with 4 shards (``faiss.IndexShards``),
-  int8 candidates + exact fp32 re-ranking (patchsearch.int8.Int8Searcher, ``exact="int8"``),
+  bf16 / int8 candidates + exact fp32 re-ranking (patchsearch.lowp.LowpSearcher, ``exact="bf16"``
+  / ``exact="int8"``),
   and IVF in each layout of ``--layouts`` (``PatchIndex.from_embeddings(index="ivf",
   layout=...)``: automatic parameters, nprobe tuned by the library to recall@9 >= 0.95
   on 1,000 held-aside patches of bottle test images that are never queries here
@@ -44,7 +45,7 @@ import torch
 
 import benchdata
 from patchsearch import PatchIndex
-from patchsearch.int8 import Int8Searcher
+from patchsearch.lowp import LowpSearcher
 from patchsearch.searchers import KnnSearcher, ShardedSearcher, build_flat_shards, faiss
 
 K = 9
@@ -152,7 +153,7 @@ def main():
     ap.add_argument("--sizes", default="16k,160k,1.6m")
     ap.add_argument("--dims", default="152,1536")
     ap.add_argument("--images", type=int, default=4, help="query images (784 patches each)")
-    ap.add_argument("--methods", default="torch,flat,flat4,int8,ivf")
+    ap.add_argument("--methods", default="torch,flat,flat4,bf16,int8,ivf")
     ap.add_argument("--layouts", default="rabitqfs,rabitq,pqfs,pq", help="IVF layouts (method ivf)")
     args = ap.parse_args()
     methods = args.methods.split(",")
@@ -195,15 +196,15 @@ def main():
                     res[f"flat (IndexFlatL2), {shards} shard{'s' * (shards > 1)}"] = (bt_, t, recall(rows, truth), 4 * d)
                     del searcher
                     gc.collect()
-            if "int8" in methods:
+            for kind in [x for x in ("bf16", "int8") if x in methods]:
                 res.start()
                 t0 = time.perf_counter()
-                fast = Int8Searcher(bank, KnnSearcher(bank))
+                fast = LowpSearcher(bank, KnnSearcher(bank), kind)
                 fast.prepare()  # built lazily on first search in the library; timed here as build
                 bt_ = time.perf_counter() - t0
                 t, (_, rows) = best_time(lambda: fast.search(q, K), repeat)
-                res[f"flat, int8 candidates + exact re-rank ({fast.fallbacks // repeat} fallbacks)"] = \
-                    (bt_, t, recall(rows, truth), 4 * d + d)
+                res[f"flat, {kind} candidates + exact re-rank ({fast.stats['fallbacks'] // repeat} fallbacks)"] = \
+                    (bt_, t, recall(rows, truth), 4 * d + (d if kind == "int8" else 2 * d + 16))
                 del fast
                 gc.collect()
             for layout in (args.layouts.split(",") if "ivf" in methods or "ivfpq" in methods else []):
@@ -234,7 +235,7 @@ def main():
                 truth64 = torch.cdist(pt.reshape(-1, d).double(), bt.double()).topk(K, largest=False).indices
                 truth64 = truth64.numpy().reshape(tl.shape)
                 torch_exact = float((tl.numpy() == truth64).all(-1).mean())
-                for exact in ("faiss", "int8"):
+                for exact in ("fp32", "bf16", "int8"):
                     index = PatchIndex.from_embeddings(bank, exact=exact)
                     t_ours, r = best_time(lambda: index.search(patches))
                     same = float((r.locations == tl.numpy()).all(-1).mean())

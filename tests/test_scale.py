@@ -1,5 +1,5 @@
 """Issue 10: correctness fixes (rebuild keeps IVF parameters, int32 locations, -1 candidates),
-support sets at query time, lazy int8, fast-scan IVF layouts."""
+support sets at query time, fast-scan IVF layouts."""
 
 import json
 
@@ -144,28 +144,6 @@ def test_support_graph_only_for_small_flat_banks(tmp_path, monkeypatch):
     loaded.close()
     q = _clustered(4 * 20, 16, seed=8).reshape(4, 20, 16)
     np.testing.assert_array_equal(big.search(q).image_scores, old.search(q).image_scores)
-
-
-def test_int8_is_built_on_first_search_not_on_load_and_needs_torch_2_3(tmp_path, monkeypatch):
-    from patchsearch.errors import InputError
-    from patchsearch.int8 import Int8Searcher
-    bank = _clustered(3000, 64)
-    PatchIndex.from_embeddings(bank).save(tmp_path / "i")
-    auto = PatchIndex.load(tmp_path / "i")
-    assert not isinstance(auto.searcher, Int8Searcher)  # auto: faiss (int8 not measured faster here)
-    auto.close()
-    index = PatchIndex.load(tmp_path / "i", exact="int8")
-    assert isinstance(index.searcher, Int8Searcher) and index.searcher.codes_t is None  # nothing built on load
-    q = _clustered(200, 64, seed=2) + np.float32(0.2)
-    rows = index.knn(q, 9)[1]
-    assert index.searcher.codes_t is not None and index.searcher.codes_t.shape == (64, 3000)
-    exact = ((q[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)
-    np.testing.assert_array_equal(rows, np.argsort(exact, 1, kind="stable")[:, :9])
-    index.close()
-    import torch
-    monkeypatch.setattr(torch, "__version__", "2.2.1")
-    with pytest.raises(InputError, match="torch >= 2.3"):
-        PatchIndex.from_embeddings(bank, exact="int8")
 
 
 @pytest.mark.parametrize("layout", ["rabitqfs", "rabitq", "pqfs", "opq-pqfs", "pq"])
