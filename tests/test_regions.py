@@ -82,7 +82,7 @@ def test_regions_errors():
 def _stub_index(geometry, pixel_t):
     from types import SimpleNamespace
 
-    return SimpleNamespace(manifest=SimpleNamespace(
+    return SimpleNamespace(device="cpu", manifest=SimpleNamespace(
         geometry=geometry.to_dict(), calibration={"image": {"threshold": 1.0}, "pixel": {"threshold": pixel_t}}))
 
 
