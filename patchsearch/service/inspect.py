@@ -92,12 +92,14 @@ class Inspector:
             info = await anyio.to_thread.run_sync(probe_frame, data, self.settings.max_pixels, shown,
                                                   limiter=self.probes)
         except FrameTooLargeError as exc:
-            raise self.refuse("frame_too_large", 413, f"{exc} (--max-pixels {self.settings.max_pixels})") from None
+            size = f"is {exc.width}x{exc.height} = {exc.width * exc.height} pixels" if exc.width else "has more pixels"
+            raise self.refuse("frame_too_large", 413, f"{shown}: the frame {size}, over the limit of "
+                                                      f"{self.settings.max_pixels} pixels (--max-pixels)") from None
         except UnsupportedFormatError as exc:
             raise self.refuse("unsupported_format", 415, str(exc)) from None
         except InputError as exc:
             raise self.error(400, "not_an_image", str(exc)) from None
-        cost = decode_cost_bytes(info, loaded.input_size)
+        cost = decode_cost_bytes(info)
         if cost > self.budget.total:
             raise self.refuse("frame_too_large", 413, f"{shown}: decoding this {info.width}x{info.height} {info.mode} "
                                                       f"{info.format} frame needs about {cost / MIB:.0f} MiB, over the "

@@ -14,15 +14,26 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 def redact_query(target: str) -> str:
     """``target`` (a request path with its query string, as the access log prints it) with
     the value of every ``token`` parameter replaced by ``***``; parameter names are
-    compared percent- and plus-decoded and case-insensitively (``?tok%65n=``, ``?TOKEN=``)."""
+    compared percent- and plus-decoded (repeatedly) and case-insensitively (``?tok%65n=``,
+    ``?TOKEN=``)."""
     path, sep, query = target.partition("?")
     if not sep:
         return target
     parts = []
     for item in query.split("&"):
         name, eq, _ = item.partition("=")
-        parts.append(f"{name}=***" if eq and unquote_plus(name).strip().lower() == "token" else item)
+        parts.append(f"{name}=***" if eq and _decoded(name) == "token" else item)
     return path + sep + "&".join(parts)
+
+
+def _decoded(name: str) -> str:
+    """``name`` percent-decoded until it no longer changes (at most 4 times), stripped, lower case."""
+    for _ in range(4):
+        plain = unquote_plus(name)
+        if plain == name:
+            break
+        name = plain
+    return name.strip().lower()
 
 
 class RedactToken(logging.Filter):
