@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from ..batcher import Expired, Overloaded
 from ..errors import FrameTooLargeError, InputError, UnsupportedFormatError
 from . import bodies
-from .limits import MIB, Admission, MemoryBudget, answer_cost
+from .limits import MIB, Admission, MemoryBudget, answer_cost, background_thread
 from .registry import valid_category
 
 log = logging.getLogger("patchsearch.serve")
@@ -162,6 +162,7 @@ def _prepare(loaded, data: bytes, name: str, max_pixels: int):
     """Decode (as the CLI decodes files) and make the backbone input: (PIL RGB frame, (T, 3, th, tw))."""
     from ..data import decode_image
 
+    background_thread()
     frame = decode_image(data, loaded.bit_depth, name, max_pixels)
     return frame, loaded.geometry.frame_tensor(frame)
 
@@ -178,6 +179,7 @@ def _answer(loaded, part, frame, size, name: str, heatmap: bool) -> dict:
     from ..query import add_maps
     from ..report import heatmap as render_heatmap, record
 
+    background_thread()
     add_maps(loaded.index, part, [size])
     body = record(loaded.index, part, 0)  # part holds this one frame
     body.pop("path", None)

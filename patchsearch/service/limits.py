@@ -12,6 +12,9 @@ Both live on the event loop (no locks): acquire and release them from coroutines
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 from collections import deque
 
 MIB = 1024 * 1024
@@ -102,3 +105,25 @@ def answer_cost(width: int, height: int, map_pixels: int | None = None) -> int:
     pixel). ``map_pixels``: the pixels maps are drawn at (None: the frame's)."""
     pixels = width * height if map_pixels is None else min(width * height, map_pixels)
     return 16 * pixels + MIB
+
+
+_background = threading.local()
+BACKGROUND_NICE = 10
+
+
+def background_thread() -> None:
+    """Lower the CPU priority of the calling thread (not the process) by
+    :data:`BACKGROUND_NICE`, once per thread: image work then yields the CPU to the event
+    loop, which answers health checks. Threads the calling thread starts later (a
+    backbone's compute pool) inherit it. Linux only (elsewhere, or when not permitted, a
+    no-op)."""
+    if getattr(_background, "done", False):
+        return
+    _background.done = True
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+    except (OSError, AttributeError):
+        pass

@@ -30,6 +30,7 @@ from ..errors import PatchsearchError
 from ..index import PatchIndex
 from ..query import embedder_for, embedder_key, geometry_of, judge, thresholds_of
 from ..versions import CURRENT, LEGACY_MANIFEST, current_version
+from .limits import background_thread
 from .pending import Pending
 
 log = logging.getLogger("patchsearch.serve")
@@ -246,6 +247,7 @@ class Registry:
         """Load every category in a background thread, then poll for new versions every ``poll_s``
         seconds; ``ready`` is set after the first pass."""
         def loop():
+            background_thread()
             while not self._stop.is_set():
                 try:
                     self.refresh()
@@ -299,6 +301,7 @@ def _run_batch(jobs) -> None:
     rather than in this one worker)."""
     import torch
 
+    background_thread()  # the backbone (and its compute threads) yield to the event loop
     first = jobs[0].payload[0]
     tensor = torch.cat([j.payload[1] for j in jobs])
     if first.device != "cpu":
