@@ -198,7 +198,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
             return _error(503, "not_ready", "loading indexes", {"Retry-After": "1"})
         status = registry.status()
         if category is not None:
-            status = {category: status[category]} if category in status else {}
+            if category not in status:
+                return _error(404, "unknown_category", f"no category {category!r} in {settings.index_dir}")
+            status = {category: status[category]}
         serving = {c: s["version"] for c, s in status.items() if s["version"] is not None}
         problems = {c: {k: v for k, v in s.items() if k != "ready"} for c, s in status.items() if not s["ready"]}
         if not serving or problems:
