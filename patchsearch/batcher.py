@@ -145,21 +145,24 @@ class Batcher:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            jobs = self._gather()
-            if not jobs:
-                continue
-            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-            if not jobs:
-                continue
-            try:
-                self.run(jobs)
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
-                log.exception("batch of %d failed", len(jobs))
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
+            self._once()
+
+    def _once(self) -> None:
+        """Gather and run one batch. Its jobs (payloads, results) are referenced only while
+        this runs: an idle worker keeps nothing of the last batch alive."""
+        jobs = self._gather()
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        try:
+            self.run(jobs)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+            log.exception("batch of %d failed", len(jobs))
             for j in jobs:
                 if not j.future.done():
-                    j.future.set_exception(RuntimeError("the batch left this job unanswered"))
-            if self.on_batch is not None:
-                self.on_batch(len(jobs))
+                    j.future.set_exception(exc)
+        for j in jobs:
+            if not j.future.done():
+                j.future.set_exception(RuntimeError("the batch left this job unanswered"))
+        if self.on_batch is not None:
+            self.on_batch(len(jobs))

@@ -223,3 +223,46 @@ def test_the_page_inserts_text_never_markup():
     page = PAGE.read_text(encoding="utf-8")
     assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "outerHTML" not in page
     assert "document.write" not in page
+
+
+def test_an_idle_batcher_keeps_nothing_of_its_last_batch():
+    import gc
+    import weakref
+
+    from patchsearch.batcher import Batcher
+
+    class Payload:
+        pass
+
+    def run(jobs):
+        for j in jobs:
+            j.future.set_result(Payload())
+
+    b = Batcher(run, max_batch=2, max_wait_s=0.0, max_queue=4)
+    try:
+        payload = Payload()
+        future = b.submit(payload)
+        result = weakref.ref(future.result(5))
+        sent = weakref.ref(payload)
+        del payload, future
+        time.sleep(0.3)  # the worker is back to waiting for jobs
+        gc.collect()
+        assert sent() is None and result() is None  # a frame's tensor and result are freed once answered
+    finally:
+        b.close()
+
+
+def test_freed_memory_is_handed_back_once_the_service_is_idle(site, make_client, monkeypatch):
+    import sys
+
+    from patchsearch.service.limits import return_free_memory
+
+    assert return_free_memory() is sys.platform.startswith("linux")
+    trims = []
+    monkeypatch.setattr(inspect_module, "return_free_memory", lambda: trims.append(1))
+    c = make_client()
+    assert c.post(INSPECT, content=(site[0] / "widget/test/good/000.png").read_bytes(), headers=PNG).status_code == 200
+    deadline = time.time() + 5
+    while not trims and time.time() < deadline:
+        time.sleep(0.05)
+    assert trims

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import anyio
@@ -26,11 +27,12 @@ from starlette.responses import JSONResponse, Response
 from ..batcher import Expired, Overloaded
 from ..errors import FrameTooLargeError, InputError, UnsupportedFormatError
 from . import bodies
-from .limits import MIB, Admission, MemoryBudget, answer_cost, background_thread
+from .limits import MIB, Admission, MemoryBudget, answer_cost, background_thread, return_free_memory
 from .registry import valid_category
 
 log = logging.getLogger("patchsearch.serve")
 RETRY = {"Retry-After": "1"}
+TRIM_EVERY_S = 2.0
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never sent
 
 
@@ -44,6 +46,7 @@ class Inspector:
         self.budget = MemoryBudget(int(settings.decode_memory_mb * MIB))
         self.work = anyio.CapacityLimiter(settings.image_workers())
         self.probes = anyio.CapacityLimiter(2)  # header probes never wait behind decodes
+        self._trimmed = 0.0
 
     def check_category(self, category: str) -> None:
         if not valid_category(category):
@@ -81,8 +84,17 @@ class Inspector:
                 loaded.release()
         finally:
             self.admission.leave()
+            self._trim_when_idle()
         self.telemetry.judged(category, body["decision"])
         return JSONResponse(body)
+
+    def _trim_when_idle(self) -> None:
+        """Once the last frame in the service is done (at most every TRIM_EVERY_S), return the
+        memory its decodes freed to the operating system, in a thread."""
+        now = time.monotonic()
+        if self.admission.active == 0 and now - self._trimmed > TRIM_EVERY_S:
+            self._trimmed = now
+            threading.Thread(target=return_free_memory, name="patchsearch-trim", daemon=True).start()
 
     async def _judge(self, loaded, data: bytes, name: str, heatmap: bool, deadline: float) -> dict:
         from ..data import decode_cost_bytes, probe_frame

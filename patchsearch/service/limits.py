@@ -127,3 +127,25 @@ def background_thread() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
     except (OSError, AttributeError):
         pass
+
+
+_libc = None
+
+
+def return_free_memory() -> bool:
+    """Hand memory freed by finished frames back to the operating system (glibc's
+    ``malloc_trim``), so that the resident size falls back after a burst or a large frame
+    instead of staying at its peak. True if it ran (Linux with glibc), else a no-op."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        _libc = False
+        return False
