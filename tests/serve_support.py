@@ -165,3 +165,26 @@ def zeros_png(width: int, height: int, mode: str = "L") -> bytes:
     idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, 8, ctype, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def read_response(s: socket.socket, timeout: float = 5.0) -> bytes:
+    """One HTTP response (headers and a Content-Length body) from ``s``, as far as it came
+    within ``timeout`` seconds."""
+    s.settimeout(timeout)
+    end = time.monotonic() + timeout
+    out = b""
+    while time.monotonic() < end:
+        head, sep, body = out.partition(b"\r\n\r\n")
+        if sep:
+            length = [int(v) for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+                      if k.strip().lower() == b"content-length"]
+            if len(body) >= (length[0] if length else 0):
+                break
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out

@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 
-from serve_support import PNG, REPO, copy_index, install_copy, make_site, port_of, raw, read_all, served
+from serve_support import (PNG, REPO, copy_index, install_copy, make_site, port_of, raw, read_all, read_response,
+                           served)
 
 HEADER_S, BODY_S, MAX_CONN, MAX_QUEUE = 2, 6, 12, 3
 
@@ -108,8 +109,7 @@ def test_a_full_queue_is_refused_before_the_body_is_read(server, site):
         time.sleep(0.5)
         s = raw(port_of(base), _post_head(len(data)))  # headers only: not one byte of body is sent
         t0 = time.monotonic()
-        s.settimeout(3)
-        head = s.recv(65536)
+        head = read_response(s, 3)
         assert time.monotonic() - t0 < 2
         s.close()
         assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower() and b"queue_full" in head, head
@@ -136,7 +136,7 @@ def test_a_version_is_leased_only_once_the_body_has_arrived(server, site):
         tidy(idx)  # the unfinished upload holds no lease: the old version can go
         assert list_versions(idx) == [new] and old != new
         s.sendall(data[len(data) // 2:])
-        out = read_all(s, 20).split(b"\r\n\r\n", 1)
+        out = read_response(s, 30).split(b"\r\n\r\n", 1)
     finally:
         s.close()
     assert out[0].startswith(b"HTTP/1.1 200"), out[0]
