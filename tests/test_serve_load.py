@@ -92,3 +92,14 @@ def test_healthz_stays_prompt_while_200_inspect_requests_are_in_flight(site, tmp
     # service's probes already take there
     assert np.percentile(lat, 95) < 0.25 + 2 * np.percentile(idle, 95)
     assert lat.max() < 1.0 + 4 * idle.max()
+
+
+def test_short_soak_finds_no_wrong_answer():
+    out = subprocess.run([sys.executable, "scripts/soak_serve.py", "--duration", "15"], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert out.returncode == 0 and summary["passed"], out.stdout[-3000:] + out.stderr[-3000:]
+    assert summary["wrong"] == 0 and summary["server_5xx_not_503"] == 0 and summary["good_answers_checked"] > 0
+    counts = summary["counts"]
+    for case in ("bomb:413", "eps:415", "foreign_host:421", "foreign_origin:403", "slow_headers:cut", "slow_body:408"):
+        assert counts.get(case, 0) > 0, (case, counts)
