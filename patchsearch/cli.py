@@ -222,15 +222,20 @@ def _query_options(fn):
 @click.option("--threshold", type=float, default=None, help="image threshold (L2) instead of the calibrated one")
 @click.option("--k", type=click.IntRange(min=1), default=9, show_default=True, help="neighbours per patch")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="refuse frames of more pixels (width x height, from the header) [67108864 = 8192 x 8192]")
 @_query_options
 @_friendly
-def query(images, category, index_dir, maps_dir, threshold, k, batch_size, nprobe, weights, backbone, embed_dim):
+def query(images, category, index_dir, maps_dir, threshold, k, batch_size, max_pixels, nprobe, weights, backbone,
+          embed_dim):
     """Judge IMAGES (files or folders): one JSON line per frame.
 
     Each line has the decision (OK / NG / ERROR), image score (Eq. 7, L2), normalised
     score and threshold, defect regions in frame pixels, and the top patch's k nearest
     memory-bank L2 distances and locations (the training image and patch they came
-    from). Unreadable frames are ERROR with an "error" field; the exit status is then 1.
+    from). A frame that cannot be judged is ERROR with a "reason" (unreadable,
+    too_large, unsupported_format, non_finite_pixels, out_of_range_pixels, uncalibrated,
+    non_finite_score) and an "error" message; the exit status is then 1.
     """
     from .data import list_images
     from .query import iter_query
@@ -244,15 +249,24 @@ def query(images, category, index_dir, maps_dir, threshold, k, batch_size, nprob
         maps_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     written: set[Path] = set()
-    for part in iter_query(index, paths, k=k, batch_size=batch_size, maps=True, threshold=threshold):
+    uncalibrated = False
+    for part in iter_query(index, paths, k=k, batch_size=batch_size, maps=maps_dir is not None,
+                           threshold=threshold, max_pixels=max_pixels):
         for i, path in enumerate(part.paths):
             rec = record(index, part, i)
-            failed += i in part.errors
-            if maps_dir is not None and i not in part.errors:
+            if rec.get("reason") == "too_large":  # the library names its parameter, the CLI its flag
+                rec["error"] = rec["error"].replace("(max_pixels)", "(--max-pixels)")
+            failed += rec["decision"] == "ERROR"
+            uncalibrated |= rec.get("reason") == "uncalibrated"
+            if maps_dir is not None and i not in part.errors and rec.get("reason") != "non_finite_score":
                 png = _unique(maps_dir / f"{Path(path).parent.name}_{Path(path).stem}_anomaly_map.png", written)
-                write_maps(index, part, i, png, png.with_suffix(".npy"))
+                write_maps(index, part, i, png, png.with_suffix(".npy"), max_pixels)
                 rec["anomaly_map"], rec["raw_map"] = str(png), str(png.with_suffix(".npy"))
             click.echo(json.dumps(rec))
+    if uncalibrated:
+        click.echo(f"error: the index of {category} has no image threshold, so no frame was judged: run "
+                   f"`patchsearch calibrate --category {category}` or pass --threshold", err=True)
+        sys.exit(1)
     if failed:
         click.echo(f"error: {failed} of {len(paths)} images could not be scored", err=True)
         sys.exit(1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -206,7 +206,7 @@ def _decode(source, name: str, bit_depth: int | None, max_pixels: int = DEFAULT_
     try:
         with img:
             img.load()
-            return _to_rgb(img, bit_depth)
+            return _to_rgb(img, bit_depth, name)
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
@@ -218,42 +218,39 @@ def _decode(source, name: str, bit_depth: int | None, max_pixels: int = DEFAULT_
 BIT_DEPTHS = (8, 10, 12, 16)
 
 
-def _to_rgb(img: Image.Image, bit_depth: int | None) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        if img.mode == "F":
-            peak = 1.0
-        else:
-            peak = float(2 ** (bit_depth or 16) - 1)
-        arr = np.asarray(img, dtype=np.float64)
-        arr = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-    return img.convert("RGB")
+def _to_rgb(img: Image.Image, bit_depth: int | None, name: str = "image") -> Image.Image:
+    from .frames import to_rgb8
+
+    return to_rgb8(img, bit_depth, name)
 
 
 class ImageDataset:
     """Map-style dataset of frame paths -> (tensor (T, 3, th, tw) float32, index, None, (w, h)).
 
-    ``geometry`` is a :class:`patchsearch.geometry.Geometry`. A file that fails to
-    decode yields ``(None, index, message, None)`` instead of raising, so one bad frame
-    does not stop a batch; :func:`collate` separates them.
+    ``geometry`` is a :class:`patchsearch.geometry.Geometry`; frames are prepared by
+    :func:`patchsearch.frames.prepare_frame` (reduced early, in bounded memory). A file
+    that fails yields ``(None, index, (message, reason), None)`` instead of raising, so
+    one bad frame does not stop a batch; :func:`collate` separates them.
     """
 
-    def __init__(self, paths: Sequence[Path], geometry, bit_depth: int | None = None):
+    def __init__(self, paths: Sequence[Path], geometry, bit_depth: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.paths = list(paths)
         self.geometry = geometry
         self.bit_depth = bit_depth
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        from .frames import error_reason, prepare_frame
+
         try:
-            img = load_image(self.paths[i], self.bit_depth)
-            return self.geometry.frame_tensor(img), i, None, img.size
+            tensor, size = prepare_frame(self.paths[i], self.geometry, self.bit_depth, self.max_pixels)
+            return tensor, i, None, size
         except InputError as exc:
-            return None, i, str(exc), None
+            return None, i, (str(exc), error_reason(exc)), None
 
 
 @dataclass
@@ -266,12 +263,14 @@ class Batch:
         good: indices (into the path list) of the B readable frames.
         errors: {index: message} of the unreadable ones.
         frame_sizes: (width, height) of each readable frame, in ``good`` order.
+        reasons: {index: reason} of the unreadable ones (:func:`patchsearch.frames.error_reason`).
     """
 
     tensor: object
     good: list[int]
     errors: dict[int, str]
     frame_sizes: list[tuple[int, int]]
+    reasons: dict[int, str] = field(default_factory=dict)
 
 
 def collate(items) -> Batch:
@@ -279,20 +278,22 @@ def collate(items) -> Batch:
     import torch
 
     good = [(t, i, size) for t, i, err, size in items if err is None]
-    errors = {i: err for _, i, err, _ in items if err is not None}
+    bad = {i: (err, "unreadable") if isinstance(err, str) else err for _, i, err, _ in items if err is not None}
     tensor = torch.cat([t for t, _, _ in good]) if good else None
-    return Batch(tensor, [i for _, i, _ in good], errors, [size for _, _, size in good])
+    return Batch(tensor, [i for _, i, _ in good], {i: e[0] for i, e in bad.items()}, [size for _, _, size in good],
+                 {i: e[1] for i, e in bad.items()})
 
 
 def iter_batches(paths: Sequence[Path], geometry, batch_size: int = 16, workers: int = 0,
-                 bit_depth: int | None = None):
+                 bit_depth: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Yield one :class:`Batch` per ``batch_size`` frames, in order.
 
-    At most ``batch_size`` decoded frames (times the worker prefetch) are in memory.
+    At most ``batch_size`` prepared frames (times the worker prefetch) are in memory, and
+    one decoded frame at a time per worker.
     """
     import torch
 
-    dataset = ImageDataset(paths, geometry, bit_depth)
+    dataset = ImageDataset(paths, geometry, bit_depth, max_pixels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=collate)
     yield from loader

@@ -188,33 +188,46 @@ def probe_frame(source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None =
     return info
 
 
-def reduce_factors(info: FrameInfo, input_size) -> tuple[int, int]:
-    """(fx, fy): integer factors a frame can be shrunk by right after decoding and still
-    keep at least 3 pixels per backbone-input pixel along each axis (``input_size`` (H, W);
-    1 where the frame is not that much larger)."""
-    H, W = (int(v) for v in input_size)
-    return max(1, info.width // (3 * W)), max(1, info.height // (3 * H))
+def reduce_factors(info: FrameInfo, geometry=None) -> tuple[int, int]:
+    """(fx, fy): the integer factors a frame is shrunk by right after decoding for
+    ``geometry`` (a :class:`~patchsearch.geometry.Geometry`), keeping at least 3 frame
+    pixels per backbone-input pixel along each axis; (1, 1) without a geometry or for a
+    frame less than 6 times the input.
+
+    Frame mode: each axis against the input's (a turned frame's width against the input's
+    height); crop mode: one factor, the shorter side against ``resize``.
+    """
+    w, h = info.width, info.height
+    if geometry is None:
+        return 1, 1
+    if geometry.mode == "crop":
+        f = max(1, min(w, h) // (3 * geometry.resize))
+        return f, f
+    H, W = geometry.input_size
+    if geometry.turned((w, h)):
+        H, W = W, H
+    return max(1, w // (3 * W)), max(1, h // (3 * H))
 
 
-def decode_cost_bytes(info: FrameInfo, input_size=None) -> int:
+def decode_cost_bytes(info: FrameInfo, geometry=None) -> int:
     """Upper estimate of the peak memory decoding and converting one frame takes, bytes.
 
-    The decoded frame in Pillow's storage (twice for TIFF, whose decoder may keep a second
-    buffer), plus the frame reduced for the backbone and its 8-bit RGB copies. Without
-    ``input_size`` ((H, W) backbone input) the frame is assumed not reducible (the worst
-    case); with it, the reduction :func:`reduce_factors` allows is counted.
+    The decoded frame in Pillow's storage (twice for TIFF, whose decoder may keep a
+    second buffer), plus the frame reduced for the backbone (:func:`reduce_factors`) and
+    its 8-bit and RGB copies, plus a fixed 48 MiB for the input tensors and the buffers of
+    the band-by-band conversion.
+    Without ``geometry`` the frame is assumed not reducible (the worst case); a JPEG frame
+    decoded at reduced scale costs less than estimated.
 
     Args:
         info: from :func:`probe_frame`.
-        input_size: optional (H, W) of the backbone input the frame is prepared for.
+        geometry: optional :class:`~patchsearch.geometry.Geometry` of the index the frame
+            is prepared for (:func:`patchsearch.frames.prepare_frame`).
     """
     w, h = info.width, info.height
     decoded = w * h * info.bytes_per_pixel * (2 if info.format == "TIFF" else 1)
-    if input_size is None:
-        reduced = w * h
-    else:
-        fx, fy = reduce_factors(info, input_size)
-        reduced = math.ceil(w / fx) * math.ceil(h / fy)
+    fx, fy = reduce_factors(info, geometry)
+    reduced = math.ceil(w / fx) * math.ceil(h / fy)
     # the reduced frame (native mode), its RGB image (4 B), tensor copies (3 + 3 B), 8-bit temporaries
     work = reduced * (info.bytes_per_pixel + 4 + 6 + 1)
-    return int(decoded + work + (8 << 20))
+    return int(decoded + work + (48 << 20))

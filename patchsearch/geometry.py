@@ -270,9 +270,6 @@ class Geometry:
         Raises InputError: bad frame size, or a grid without the input's aspect (e.g. an
         unstitched tile grid: pass :meth:`stitch`'s output).
         """
-        import torch
-        import torch.nn.functional as F
-
         from .score import anomaly_maps
 
         w, h = _frame_size(frame_size)
@@ -281,15 +278,28 @@ class Geometry:
         (H, W), (GH, GW) = self.input_size, g.shape[-2:]
         _check(abs(GH * W / H - GW) <= 1,
                f"score grid {GH}x{GW} does not have the aspect of the input {H}x{W} (stitch tile grids first)")
-        maps = anomaly_maps(g.reshape(-1, GH, GW), (H, W), sigma)
+        maps = self.map_to_frame(anomaly_maps(g.reshape(-1, GH, GW), (H, W), sigma), (w, h))
+        return maps[0] if g.ndim == 2 else maps
+
+    def map_to_frame(self, input_maps, frame_size) -> np.ndarray:
+        """float32 (N, H, W) maps in input pixels (``input_size``) -> the maps
+        :meth:`frame_map` returns, (N, h, w) for ``frame_size`` (w, h): resized once
+        (bilinear) to the frame, a :meth:`turned` frame's turned back; crop mode: as is."""
+        import torch
+        import torch.nn.functional as F
+
+        w, h = _frame_size(frame_size)
+        maps = np.asarray(input_maps, dtype=np.float32)
+        H, W = self.input_size
         turned = self.turned((w, h))
         mh, mw = (w, h) if turned else (h, w)  # the turned frame is h wide and w high
         if self.mode == "frame" and (mh, mw) != (H, W):
-            t = F.interpolate(torch.from_numpy(maps)[:, None], size=(mh, mw), mode="bilinear", align_corners=False)
+            t = F.interpolate(torch.from_numpy(np.ascontiguousarray(maps))[:, None], size=(mh, mw), mode="bilinear",
+                              align_corners=False)
             maps = t[:, 0].numpy()
         if turned:
             maps = np.ascontiguousarray(np.rot90(maps, -1, axes=(1, 2)))
-        return maps[0] if g.ndim == 2 else maps
+        return maps
 
     def eval_mask(self, mask_img, frame_size) -> np.ndarray:
         """Ground-truth mask (PIL image or array (h, w), > 0 = defect) -> bool array in map pixels.

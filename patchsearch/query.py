@@ -101,11 +101,11 @@ def thresholds_of(index: PatchIndex, threshold: float | None = None) -> tuple[fl
 
 def iter_query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 16, maps: bool = True,
                sigma: float = SIGMA, threshold: float | None = None, regions: bool = True,
-               weights: str | None = None) -> Iterator[SearchResult]:
+               weights: str | None = None, max_pixels: int | None = None) -> Iterator[SearchResult]:
     """Like :func:`query`, one :class:`SearchResult` per batch of images (bounded memory)."""
     import torch
 
-    from .data import iter_batches
+    from .data import DEFAULT_MAX_PIXELS, iter_batches
 
     image_t, pixel_t, _ = thresholds_of(index, threshold)
     embedder_for(index, weights)  # fail before reading any frame if the index cannot embed
@@ -123,7 +123,8 @@ def iter_query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: in
     paths = [Path(p) for p in images]
     geometry = geometry_of(index)
     bit_depth = (index.manifest.extra.get("decode") or {}).get("bit_depth")
-    for batch in iter_batches(paths, geometry, batch_size, bit_depth=bit_depth):
+    budget = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    for batch in iter_batches(paths, geometry, batch_size, bit_depth=bit_depth, max_pixels=budget):
         first = min(batch.good + list(batch.errors))
         n = len(batch.good) + len(batch.errors)
         part = None
@@ -132,6 +133,7 @@ def iter_query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: in
             part = judge(index, emb, batch.frame_sizes, k, b, maps, sigma, threshold, regions)
         result = _expand(part, [i - first for i in batch.good], n, {i - first: e for i, e in batch.errors.items()},
                          [str(p) for p in paths[first:first + n]], k, maps)
+        result.reasons = {i - first: r for i, r in batch.reasons.items()}
         result.threshold, result.pixel_threshold = image_t, pixel_t
         yield result
 
@@ -160,30 +162,35 @@ def judge(index: PatchIndex, embeddings: np.ndarray, frame_sizes, k: int = K, b:
         raise InputError(f"{len(embeddings)} tile embeddings do not divide into {n} frames")
     part = _search_embeddings(index, np.asarray(embeddings), k, b, tiles=len(embeddings) // n)
     part.threshold, part.pixel_threshold = image_t, pixel_t
-    if maps:
-        add_maps(index, part, frame_sizes, sigma, regions)
+    if maps or (regions and pixel_t is not None):
+        add_maps(index, part, frame_sizes, sigma, regions, maps)
     return part
 
 
 def add_maps(index: PatchIndex, part: SearchResult, frame_sizes, sigma: float = SIGMA,
-             regions: bool = True) -> SearchResult:
+             regions: bool = True, maps: bool = True) -> SearchResult:
     """Anomaly maps (and, with a pixel threshold, defect regions) of frames already searched.
 
-    :func:`judge` with ``maps=False`` followed by this equals :func:`judge`: the service
-    searches a batch in one call and draws each frame's map in its own request thread.
+    :func:`judge` with ``maps=False, regions=False`` followed by this equals :func:`judge`:
+    the service searches a batch in one call and draws each frame's map in its own request
+    thread. The map is made at the backbone input's resolution (Gaussian of ``sigma`` input
+    pixels) and the regions are found there and scaled to frame pixels
+    (:func:`patchsearch.regions.frame_regions`); only ``maps=True`` resizes it to the frame.
 
     Args:
         part: :class:`SearchResult` of N frames from :func:`judge` (``grid`` and ``tiles``
             set; ``pixel_threshold`` as it left it). Filled in place.
         frame_sizes: (width, height) of each of the N original frames, pixels.
         sigma, regions: see :func:`query`.
+        maps: also set ``anomaly_maps`` (at frame resolution, see :class:`SearchResult`).
 
     Returns:
-        ``part``, with ``anomaly_maps`` (and ``regions`` when it has a pixel threshold).
+        ``part``, with ``anomaly_maps`` (with ``maps``) and ``regions`` (when it has a
+        pixel threshold; a frame with a NaN or infinite score has none: it is ERROR).
     """
     _, _, min_area = thresholds_of(index)
     pixel_t = part.pixel_threshold if regions else None
-    _frame_maps(part, geometry_of(index), list(frame_sizes), sigma, pixel_t, min_area)
+    _frame_maps(part, geometry_of(index), list(frame_sizes), sigma, pixel_t, min_area, maps)
     return part
 
 
@@ -226,6 +233,7 @@ def query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 1
     offset = 0
     for p in parts:
         out.errors.update({offset + i: e for i, e in p.errors.items()})
+        out.reasons.update({offset + i: r for i, r in p.reasons.items()})
         offset += len(p.image_scores)
     return out
 
@@ -244,24 +252,23 @@ def _search_embeddings(index: PatchIndex, emb: np.ndarray, k: int, b: int, tiles
 
 
 def _frame_maps(part: SearchResult, geometry, frame_sizes, sigma: float, pixel_t: float | None,
-                min_area: int) -> None:
-    """Anomaly maps on each original frame (tiles stitched) and, with a pixel threshold, regions."""
-    from .regions import defect_regions
+                min_area: int, maps: bool = True) -> None:
+    """Anomaly maps of each frame (tiles stitched) at input resolution, regions found there
+    (with a pixel threshold) in frame pixels, and with ``maps`` the maps resized to the frames."""
+    from .regions import frame_regions
 
     h, w = part.grid
     scores = part.patch_scores.reshape(len(frame_sizes), part.tiles, h, w)
-    part.anomaly_maps, part.regions = [], [] if pixel_t is not None else None
+    part.anomaly_maps = [] if maps else None
+    part.regions = [] if pixel_t is not None else None
     for grid, size in zip(scores, frame_sizes):
-        amap = geometry.frame_map(geometry.stitch(grid) if part.tiles > 1 else grid[0], size, sigma)
-        part.anomaly_maps.append(amap)
-        if pixel_t is not None:
-            found = defect_regions(amap, pixel_t, min_area, geometry.scale(size))
-            left, top = geometry.crop_box(*size)[:2]
-            for r in found:  # crop mode: the crop's offset in the frame (0 in whole-frame mode)
-                r["bbox"] = [int(r["bbox"][0] + left), int(r["bbox"][1] + top), int(r["bbox"][2] + left),
-                             int(r["bbox"][3] + top)]
-                r["peak_xy"] = [int(r["peak_xy"][0] + left), int(r["peak_xy"][1] + top)]
-            part.regions.append(found)
+        grid = geometry.stitch(grid) if part.tiles > 1 else grid[0]
+        imap = anomaly_maps(grid[None], geometry.input_size, sigma)
+        if maps:
+            part.anomaly_maps.append(geometry.map_to_frame(imap, size)[0])
+        if pixel_t is not None:  # a NaN map (a frame that cannot be judged) has no region: it is ERROR
+            ok = bool(np.isfinite(imap).all())
+            part.regions.append(frame_regions(imap[0], pixel_t, min_area, geometry, size) if ok else [])
 
 
 def _expand(part: SearchResult | None, good: list[int], n: int, errors: dict, paths: list[str], k: int,

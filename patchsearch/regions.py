@@ -88,3 +88,52 @@ def defect_regions(amap, threshold: float, min_area: int = 0,
         })
     regions.sort(key=lambda reg: (-reg["peak"], -reg["area"]))
     return regions
+
+
+def _down(v) -> int:
+    """floor, forgiving float noise (3 * (300 / 100) is 9, not 9.000000000000002)."""
+    return math.floor(float(v) + 1e-9)
+
+
+def _up(v) -> int:
+    """ceil, forgiving float noise."""
+    return math.ceil(float(v) - 1e-9)
+
+
+def frame_regions(input_map, threshold: float, min_area: int, geometry, frame_size) -> list[dict]:
+    """:func:`defect_regions` of a map in backbone-input pixels, reported in frame pixels.
+
+    The regions are labelled on ``input_map`` (the input's resolution: cheap whatever the
+    frame's size) and mapped onto the frame by ``geometry``
+    (:meth:`~patchsearch.geometry.Geometry.input_to_frame_xy`: resized back, crop offset
+    added, a turned frame turned back): boxes rounded outwards (floor / ceil) and clipped
+    to the frame, areas in frame pixels (input pixels x frame pixels per input pixel,
+    rounded), the peak at the frame pixel under the centre of its input pixel.
+
+    Args:
+        input_map: float (H, W) anomaly map in input pixels (crop mode: the crop).
+        threshold, min_area: see :func:`defect_regions` (``min_area`` in frame pixels).
+        geometry: the index's :class:`~patchsearch.geometry.Geometry`.
+        frame_size: (width, height) of the frame, pixels.
+
+    Returns:
+        The regions as :func:`defect_regions` returns them, in frame pixels.
+
+    Raises:
+        InputError: see :func:`defect_regions`.
+    """
+    w, h = (int(v) for v in frame_size)
+    ux, uy = geometry.input_to_frame_xy([0.0, 1.0], [0.0, 1.0], (w, h))
+    pixel_area = abs(ux[1] - ux[0]) * abs(uy[1] - uy[0])  # frame pixels per input pixel
+    out = []
+    for r in defect_regions(input_map, threshold):
+        area = int(round(r["area"] * pixel_area))
+        if area < min_area:
+            continue
+        x0, y0, x1, y1 = r["bbox"]
+        xs, ys = geometry.input_to_frame_xy([x0, x1], [y0, y1], (w, h))
+        (fx0, fx1), (fy0, fy1) = sorted(xs), sorted(ys)
+        px, py = geometry.input_to_frame_xy(r["peak_xy"][0] + 0.5, r["peak_xy"][1] + 0.5, (w, h))
+        out.append({**r, "bbox": [max(0, _down(fx0)), max(0, _down(fy0)), min(w, _up(fx1)), min(h, _up(fy1))],
+                    "area": area, "peak_xy": [min(w - 1, max(0, _down(px))), min(h - 1, max(0, _down(py)))]})
+    return out

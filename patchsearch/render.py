@@ -171,7 +171,7 @@ def read_raw_map(path) -> np.ndarray:
         return np.load(path, allow_pickle=False).astype(np.float32, copy=False)
     if suffix != ".png":
         raise InputError(f"raw map path must end in .npy or .png, got {path}")
-    with Image.open(path) as image:
+    with Image.open(path, formats=["PNG"]) as image:
         scale = image.text.get(_PNG_SCALE_KEY) if hasattr(image, "text") else None
         if scale is None:
             raise InputError(f"{path} is not a patchsearch raw map (no {_PNG_SCALE_KEY} text chunk)")

@@ -18,19 +18,26 @@ from .result import SearchResult
 def record(index: PatchIndex, part: SearchResult, i: int) -> dict:
     """The JSON-able verdict on image ``i`` of ``part``.
 
-    Keys: ``path``; ``decision`` ("OK", "NG", "ERROR"; None when the index is not
-    calibrated), ``image_score`` (Eq. 7, L2), ``normalized_score`` (score / threshold,
-    1.0 at the threshold) and ``threshold``; ``top_patch`` (tile, row, col) with its k
-    nearest memory-bank L2 ``distances``, ``locations`` (bank rows) and ``neighbours``
-    (the training image and patch of each); ``regions`` (bbox, area, peak in
-    original-frame pixels). An unreadable frame gets ``decision: "ERROR"`` and ``error``.
+    Keys: ``path``; ``decision``, always one of "OK", "NG", "ERROR", and for ERROR a
+    ``reason`` (:meth:`SearchResult.reason`: ``unreadable``, ``too_large``,
+    ``unsupported_format``, ``non_finite_pixels``, ``out_of_range_pixels``,
+    ``uncalibrated``, ``non_finite_score``) and an ``error`` message; ``image_score``
+    (Eq. 7, L2), ``normalized_score`` (score / threshold, 1.0 at the threshold) and
+    ``threshold``; ``top_patch`` (tile, row, col) with its k nearest memory-bank L2
+    ``distances``, ``locations`` (bank rows) and ``neighbours`` (the training image and
+    patch of each); ``regions`` (bbox, area, peak in original-frame pixels). A frame that
+    could not be read has only ``path``, ``decision``, ``reason``, ``threshold``, ``error``.
     """
-    decisions = part.decisions
-    out = {"path": part.paths[i] if part.paths else None,
-           "decision": "ERROR" if i in part.errors else (None if decisions is None else str(decisions[i])),
-           "threshold": part.threshold}
+    decision = str(part.decisions[i])
+    out = {"path": part.paths[i] if part.paths else None, "decision": decision, "threshold": part.threshold}
+    if decision == "ERROR":
+        out["reason"] = part.reason(i)
     if i in part.errors:
         return {**out, "error": part.errors[i]}
+    if out.get("reason") == "uncalibrated":
+        out["error"] = "the index has no image threshold (not calibrated): run patchsearch calibrate, or pass one"
+    elif out.get("reason") == "non_finite_score":
+        out["error"] = "the image score is not a finite distance; the frame cannot be judged"
     top = int(part.top_patches[i])
     score = float(part.image_scores[i])
     out.update({"image_score": score if math.isfinite(score) else None,
@@ -44,20 +51,25 @@ def record(index: PatchIndex, part: SearchResult, i: int) -> dict:
     return out
 
 
-def write_maps(index: PatchIndex, part: SearchResult, i: int, png: Path, raw: Path | None = None) -> None:
+def write_maps(index: PatchIndex, part: SearchResult, i: int, png: Path, raw: Path | None = None,
+               max_pixels: int | None = None) -> None:
     """Write image ``i``'s heatmap over its frame (``png``) and its raw map (``raw``: .npy or
     16-bit .png, :func:`patchsearch.render.write_raw_map`).
 
     The colour scale is fixed by the calibrated pixel threshold (red at and above it, the
     frame unchanged below half of it); region outlines are drawn. Uncalibrated indexes
     scale by the largest value of the map instead (said in the file name: ``_relative``).
+    The frame is decoded again with the index's bit depth, within ``max_pixels``
+    (default :data:`patchsearch.data.DEFAULT_MAX_PIXELS`).
     """
-    from .data import load_image
+    from .data import DEFAULT_MAX_PIXELS, load_image
     from .render import save_png, write_raw_map
 
     if raw is not None:
         write_raw_map(raw, part.anomaly_maps[i])
-    save_png(png, heatmap(index, part, i, np.asarray(load_image(part.paths[i]))))
+    bit_depth = (index.manifest.extra.get("decode") or {}).get("bit_depth")  # as the frame was judged
+    frame = load_image(part.paths[i], bit_depth, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+    save_png(png, heatmap(index, part, i, np.asarray(frame)))
 
 
 def heatmap(index: PatchIndex, part: SearchResult, i: int, frame) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,11 @@ class SearchResult:
         paths: image paths, or None.
         errors: {image position: message} for images that could not be read (their
             rows hold NaN scores and -1 locations).
-        threshold: the image threshold the decisions use (L2), or None (uncalibrated).
+        reasons: {image position: reason} for the entries of ``errors`` (``unreadable``,
+            ``too_large``, ``unsupported_format``, ``non_finite_pixels``,
+            ``out_of_range_pixels``); an entry missing here is ``unreadable``.
+        threshold: the image threshold the decisions use (L2), or None (uncalibrated:
+            every decision is then ERROR, reason ``uncalibrated``).
         pixel_threshold: the pixel threshold of the regions (L2), or None.
         regions: None, or per image a list of defect regions
             (:func:`patchsearch.regions.defect_regions`, in original-frame pixels).
@@ -43,6 +48,7 @@ class SearchResult:
     threshold: float | None = None
     pixel_threshold: float | None = None
     regions: list | None = None
+    reasons: dict[int, str] = field(default_factory=dict)
 
     @property
     def patch_scores(self) -> np.ndarray:
@@ -50,16 +56,29 @@ class SearchResult:
         return self.distances[..., 0]
 
     @property
-    def decisions(self) -> np.ndarray | None:
+    def decisions(self) -> np.ndarray:
         """str (N,): "NG" (score >= threshold), "OK", or "ERROR" for an image that could not
-        be judged (unreadable, NaN or infinite score): never "OK" then. None when uncalibrated."""
+        be judged: unreadable (``errors``), NaN, infinite or negative score, or no threshold
+        (uncalibrated). Never "OK" then, never missing: :meth:`reason` says why."""
+        n = len(self.image_scores)
         if self.threshold is None:
-            return None
+            return np.full(n, "ERROR", dtype="<U5")
         from .thresholds import decide
 
-        out = decide(self.image_scores, self.threshold)
+        out = np.asarray(decide(self.image_scores, self.threshold), dtype="<U5").reshape(n)
         out[list(self.errors)] = "ERROR"
         return out
+
+    def reason(self, i: int) -> str | None:
+        """Why image ``i`` is "ERROR" (None when it is OK or NG): its ``reasons`` entry for
+        an unreadable frame (``unreadable`` by default), ``uncalibrated`` without a
+        threshold, ``non_finite_score`` for a NaN, infinite or negative image score."""
+        if i in self.errors:
+            return self.reasons.get(i, "unreadable")
+        if self.threshold is None:
+            return "uncalibrated"
+        score = float(self.image_scores[i])
+        return None if math.isfinite(score) and score >= 0 else "non_finite_score"
 
     @property
     def normalized_scores(self) -> np.ndarray | None:
@@ -75,7 +94,8 @@ class SearchResult:
             anomaly_maps=None if self.anomaly_maps is None else self.anomaly_maps[i:i + 1],
             paths=None if self.paths is None else self.paths[i:i + 1],
             errors={0: self.errors[i]} if i in self.errors else {}, threshold=self.threshold,
-            pixel_threshold=self.pixel_threshold, regions=None if self.regions is None else self.regions[i:i + 1])
+            pixel_threshold=self.pixel_threshold, regions=None if self.regions is None else self.regions[i:i + 1],
+            reasons={0: self.reasons[i]} if i in self.reasons else {})
 
     def top_patch(self, i: int) -> dict:
         """{"tile", "row", "col"} of image i's top patch (on its tile's patch grid)."""

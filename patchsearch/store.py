@@ -51,6 +51,7 @@ from PIL import Image
 
 from .errors import IndexFormatError, InputError
 from .files import fsync_dir, sha256
+from .frameinfo import ALLOWED_FORMATS
 
 STORE_VERSION = "2"
 V1_FILE = "patches.arrow"
@@ -106,7 +107,7 @@ class ImageRecord:
         path = Path(os.path.abspath(path))
         try:
             digest, size = sha256(path), path.stat().st_size
-            with Image.open(path) as img:
+            with Image.open(path, formats=sorted(ALLOWED_FORMATS)) as img:  # never another format's decoder
                 width, height = img.size
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise InputError(f"{path}: cannot read image ({exc})") from None

@@ -308,13 +308,13 @@ def test_query_streams_in_bounded_batches(built, monkeypatch):
     import gc
     import weakref
 
-    import patchsearch.data
+    import patchsearch.frames
 
     root, idx = built
     index = PatchIndex.load(idx / "widget")
     decoded = []
-    real = patchsearch.data.load_image
-    monkeypatch.setattr(patchsearch.data, "load_image", lambda p, depth=None: decoded.append(p) or real(p, depth))
+    real = patchsearch.frames.prepare_frame
+    monkeypatch.setattr(patchsearch.frames, "prepare_frame", lambda p, *a, **k: decoded.append(p) or real(p, *a, **k))
     stream = index.iter_query([root / "widget/test/blob/000.png"] * 600, batch_size=20)
     first = next(stream)
     assert len(first.image_scores) == 20 and len(decoded) == 20  # nothing decoded beyond the first batch

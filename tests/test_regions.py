@@ -77,3 +77,49 @@ def test_regions_errors():
         defect_regions(hand_map(), float("nan"))
     with pytest.raises(InputError, match="scale"):
         defect_regions(hand_map(), 1.0, scale=(0, 1))
+
+
+def _stub_index(geometry, pixel_t):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(manifest=SimpleNamespace(
+        geometry=geometry.to_dict(), calibration={"image": {"threshold": 1.0}, "pixel": {"threshold": pixel_t}}))
+
+
+@pytest.mark.parametrize("kind", ["crop", "frame", "turned"])
+def test_query_regions_cover_their_pixels_on_the_frame(kind):
+    """Regions found by the query path, in frame pixels: every box holds the frame extent of
+    its above-threshold input pixels, rounded outwards, also where the crop offset (crop
+    mode) or the scale is fractional."""
+    from patchsearch.geometry import choose_geometry, crop_geometry
+    from patchsearch.query import add_maps
+    from patchsearch.result import SearchResult
+    from patchsearch.score import anomaly_maps
+
+    geometry = {"crop": crop_geometry(64, 48), "frame": choose_geometry([(96, 48)], resize=48),
+                "turned": choose_geometry([(96, 48)], resize=48, orient="auto")}[kind]
+    H, W = geometry.input_size
+    gh, gw = H // 8, W // 8
+    sizes = [(101, 70), (70, 101), (333, 97), (97, 250)] if kind != "turned" else [(70, 101), (97, 250)]
+    checked = 0
+    for size in sizes:
+        for cell in range(0, gh * gw, 3):
+            grid = np.zeros((gh, gw), np.float32)
+            grid.flat[cell] = 10.0
+            part = SearchResult(grid.reshape(1, -1, 1), np.zeros((1, gh * gw, 1), np.int64), np.ones(1, np.float32),
+                                np.zeros(1, np.int64), grid=(gh, gw), pixel_threshold=5.0)
+            add_maps(_stub_index(geometry, 5.0), part, [size], sigma=0.0)
+            imap = anomaly_maps(grid[None], (H, W), 0.0)[0]
+            ys, xs = np.nonzero(imap >= 5.0)
+            fx, fy = geometry.input_to_frame_xy([xs.min(), xs.max() + 1], [ys.min(), ys.max() + 1], size)
+            (x0, x1), (y0, y1) = sorted(fx), sorted(fy)
+            [region] = part.regions[0]
+            bx0, by0, bx1, by1 = region["bbox"]
+            assert bx0 <= x0 + 1e-6 and by0 <= y0 + 1e-6 and bx1 >= x1 - 1e-6 and by1 >= y1 - 1e-6, (size, cell)
+            assert bx0 > x0 - 1 and by0 > y0 - 1 and bx1 < x1 + 1 and by1 < y1 + 1, (size, cell)  # tight
+            px, py = region["peak_xy"]
+            assert bx0 <= px < bx1 and by0 <= py < by1
+            assert region["area"] == pytest.approx(len(xs) * (x1 - x0) * (y1 - y0) / ((xs.max() + 1 - xs.min()) *
+                                                                                    (ys.max() + 1 - ys.min())), abs=1)
+            checked += 1
+    assert checked > 20
