@@ -266,3 +266,19 @@ def test_freed_memory_is_handed_back_once_the_service_is_idle(site, make_client,
     while not trims and time.time() < deadline:
         time.sleep(0.05)
     assert trims
+
+
+def test_a_frame_with_unreadable_pixel_values_is_answered_error(make_client):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    values = np.full((64, 64), 0.5, np.float32)
+    values[10:20, 10:20] = np.nan
+    buf = io.BytesIO()
+    Image.fromarray(values, mode="F").save(buf, format="TIFF")
+    r = make_client().post(INSPECT, content=buf.getvalue(), headers={"content-type": "image/tiff"})
+    body = r.json()
+    assert r.status_code == 200 and body["decision"] == "ERROR" and body["reason"] == "non_finite_pixels", body
+    assert body["frame"] == {"width": 64, "height": 64} and body["error"]

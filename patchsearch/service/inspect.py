@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..batcher import Expired, Overloaded
 from ..errors import FrameTooLargeError, InputError, UnsupportedFormatError
+from ..frames import PixelValueError, error_reason
 from . import bodies
 from .limits import MIB, Admission, MemoryBudget, answer_cost, background_thread, return_free_memory
 from .registry import valid_category
@@ -111,36 +112,35 @@ class Inspector:
             raise self.refuse("unsupported_format", 415, str(exc)) from None
         except InputError as exc:
             raise self.error(400, "not_an_image", str(exc)) from None
-        cost = decode_cost_bytes(info)
+        # the heatmap needs the whole frame decoded again, and a map at its size; the verdict
+        # needs only the frame reduced for the backbone (patchsearch.frames.prepare_frame)
+        cost = decode_cost_bytes(info, None if heatmap else loaded.geometry)
+        if heatmap:
+            cost += answer_cost(info.width, info.height)
         if cost > self.budget.total:
             raise self.refuse("frame_too_large", 413, f"{shown}: decoding this {info.width}x{info.height} {info.mode} "
-                                                      f"{info.format} frame needs about {cost / MIB:.0f} MiB, over the "
-                                                      f"decode memory budget of {self.budget.total / MIB:.0f} MiB "
-                                                      f"(--decode-memory-mb)")
+                                                      f"{info.format} frame{' with its heatmap' if heatmap else ''} "
+                                                      f"needs about {cost / MIB:.0f} MiB, over the decode memory "
+                                                      f"budget of {self.budget.total / MIB:.0f} MiB (--decode-memory-mb)")
         if not await self.budget.acquire(cost, max(0.0, deadline - time.monotonic())):
             raise self.refuse("memory_timeout", 503, "the decode memory budget stayed in use until this frame's "
                                                      "deadline (--queue-timeout); retry shortly", RETRY)
         held = cost
         try:
             try:
-                frame, tensor = await anyio.to_thread.run_sync(_prepare, loaded, data, shown,
-                                                               self.settings.max_pixels, limiter=self.work)
+                tensor, size = await anyio.to_thread.run_sync(_prepare, loaded, data, shown,
+                                                              self.settings.max_pixels, limiter=self.work)
+            except PixelValueError as exc:  # decodable, but its values cannot be judged: ERROR, never OK
+                return _unjudged(loaded, name, info, error_reason(exc), str(exc))
             except InputError as exc:
                 raise self.error(400, "not_an_image", str(exc)) from None
-            size = frame.size
-            if not heatmap:  # only the heatmap needs the decoded pixels again
-                frame = None
+            if not heatmap:  # the rest works at the backbone input's resolution
                 self.budget.release(held)
                 held = 0
             part = await self._search(loaded, tensor, size, deadline)
             del tensor
-            extra = answer_cost(*size, loaded.map_pixels)
-            if not held:
-                extra = min(extra, self.budget.total)
-                await self.budget.acquire(extra)
-                held = extra
-            return await anyio.to_thread.run_sync(_answer, loaded, part, frame, size, name, heatmap,
-                                                  limiter=self.work)
+            return await anyio.to_thread.run_sync(_answer, loaded, part, data, size, name, heatmap,
+                                                  self.settings.max_pixels, limiter=self.work)
         finally:
             if held:
                 self.budget.release(held)
@@ -171,28 +171,37 @@ class Inspector:
 
 
 def _prepare(loaded, data: bytes, name: str, max_pixels: int):
-    """Decode (as the CLI decodes files) and make the backbone input: (PIL RGB frame, (T, 3, th, tw))."""
-    from ..data import decode_image
+    """The backbone input of a frame, decoded as the CLI decodes files, in bounded memory:
+    ((T, 3, th, tw) float32 tensor, (width, height) of the frame)."""
+    from ..frames import prepare_frame
 
     background_thread()
-    frame = decode_image(data, loaded.bit_depth, name, max_pixels)
-    return frame, loaded.geometry.frame_tensor(frame)
+    return prepare_frame(data, loaded.geometry, loaded.bit_depth, max_pixels, name)
 
 
-def _answer(loaded, part, frame, size, name: str, heatmap: bool) -> dict:
-    """The JSON answer for one searched frame: its anomaly map and regions are drawn here,
-    in an image thread (:func:`patchsearch.query.add_maps`). Fails closed: the decision is
-    OK or NG only from a calibrated version and a finite score, else ERROR with a reason."""
+def _unjudged(loaded, name: str, info, reason: str, message: str) -> dict:
+    """The answer for a frame that decodes but cannot be judged (e.g. NaN pixel values)."""
+    return {"category": loaded.category, "version": loaded.version, "name": name or None,
+            "frame": {"width": info.width, "height": info.height}, "decision": "ERROR", "reason": reason,
+            "error": message, "threshold": ((loaded.index.manifest.calibration or {}).get("image") or {}).get("threshold")}
+
+
+def _answer(loaded, part, data: bytes, size, name: str, heatmap: bool, max_pixels: int) -> dict:
+    """The JSON answer for one searched frame: its regions (and with ``heatmap`` its map at
+    frame size, over the frame decoded again) are drawn here, in an image thread
+    (:func:`patchsearch.query.add_maps`). Fails closed: the decision is OK or NG only from a
+    calibrated version and a finite score, else ERROR with a reason."""
     import base64
     import io
 
     import numpy as np
 
+    from ..data import decode_image
     from ..query import add_maps
     from ..report import heatmap as render_heatmap, record
 
     background_thread()
-    add_maps(loaded.index, part, [size])
+    add_maps(loaded.index, part, [size], maps=heatmap)
     body = record(loaded.index, part, 0)  # part holds this one frame
     body.pop("path", None)
     body.update(category=loaded.category, version=loaded.version, name=name or None,
@@ -203,12 +212,13 @@ def _answer(loaded, part, frame, size, name: str, heatmap: bool) -> dict:
                           f"the score is given, but no verdict")
     elif body.get("image_score") is None and body["decision"] != "ERROR":
         body.update(decision="ERROR", reason="non_finite_score", error="the frame's score is not finite")
-    elif body["decision"] not in ("OK", "NG"):
+    elif body["decision"] not in ("OK", "NG", "ERROR") or (body["decision"] == "ERROR" and not body.get("reason")):
         body.update(decision="ERROR", reason=body.get("reason") or "unjudged")
     if heatmap and body["decision"] != "ERROR":
         from PIL import Image
 
+        frame = np.asarray(decode_image(data, loaded.bit_depth, name or "uploaded frame", max_pixels))
         buf = io.BytesIO()
-        Image.fromarray(render_heatmap(loaded.index, part, 0, np.asarray(frame))).save(buf, format="PNG")
+        Image.fromarray(render_heatmap(loaded.index, part, 0, frame)).save(buf, format="PNG")
         body["heatmap_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
     return {k: v for k, v in body.items() if v is not None or k in ("decision", "threshold", "version")}

@@ -99,12 +99,10 @@ class MemoryBudget:
         return len(self._waiters)
 
 
-def answer_cost(width: int, height: int, map_pixels: int | None = None) -> int:
-    """Bytes the answer of one frame needs at most, beyond the decoded frame: its float32
-    anomaly map, the blur's and the region labelling's temporaries (about 16 bytes a map
-    pixel). ``map_pixels``: the pixels maps are drawn at (None: the frame's)."""
-    pixels = width * height if map_pixels is None else min(width * height, map_pixels)
-    return 16 * pixels + MIB
+def answer_cost(width: int, height: int) -> int:
+    """Bytes a heatmap answer needs beyond decoding: the frame's float32 anomaly map, the
+    map placed in the frame, the overlay and its temporaries (about 32 bytes a frame pixel)."""
+    return 32 * width * height + MIB
 
 
 _background = threading.local()

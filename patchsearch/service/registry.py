@@ -56,8 +56,6 @@ class Loaded:
         self.version = index.version
         self.geometry = geometry_of(index)
         self.bit_depth = (index.manifest.extra.get("decode") or {}).get("bit_depth")
-        self.input_size = tuple(self.geometry.input_size)  # (H, W) backbone input
-        self.map_pixels = None  # pixels anomaly maps are drawn at (None: the frame's)
         top, left, bottom, right = self.geometry.tile_boxes()[0]
         self.batch_key = (embedder_key(index), bottom - top, right - left)  # frames stack when these agree
         self._refs, self._retired, self._lock = 0, False, threading.Lock()
@@ -315,7 +313,7 @@ def _run_batch(jobs) -> None:
         loaded = jobs[members[0]].payload[0]
         try:
             part = judge(loaded.index, np.concatenate([emb[starts[n]:starts[n + 1]] for n in members]),
-                         [jobs[n].payload[2] for n in members], maps=False)
+                         [jobs[n].payload[2] for n in members], maps=False, regions=False)
         except Exception as exc:  # noqa: BLE001 - fails these frames only
             for n in members:
                 jobs[n].future.set_exception(exc)
