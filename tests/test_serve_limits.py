@@ -185,6 +185,10 @@ def test_formats_off_the_allow_list_never_reach_their_decoder(site, make_client,
     r = c.post(INSPECT, files={"file": ("frame.eps", EPS, "image/png")})
     assert r.status_code == 415 and "EPS" in r.json()["message"]
     assert opened == []
+    from patchsearch.data import ALLOWED_FORMATS
+    from patchsearch.service.bodies import FORMAT_TYPES
+
+    assert set(FORMAT_TYPES) == set(ALLOWED_FORMATS)  # a content type for every allowed format, no other
     tiff = io.BytesIO()
     Image.open(site[0] / "widget/test/good/000.png").save(tiff, format="TIFF")
     assert c.post(INSPECT, content=tiff.getvalue(), headers={"content-type": "image/tiff"}).json()["decision"] == "OK"

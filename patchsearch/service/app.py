@@ -166,8 +166,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         loaded = registry.categories()
         return [_describe(name, loaded.get(name), status[name]) for name in sorted(status)]
 
-    @app.get("/v1/categories/{category}/bank/{row}/patch.png", responses={**ERRORS, 200: {"content": {"image/png": {}}}},
-             response_class=Response)
+    @app.get("/v1/categories/{category}/bank/{row}/patch.png", response_class=Response,
+             responses={**ERRORS, 200: {"content": {"image/png": {}}}})
     async def bank_patch(category: str, row: int, context: int = Query(1, ge=0, le=4)):
         """The training patch behind memory-bank ``row``, cut out of its training image
         (with ``context`` patch cells around it), as PNG."""

@@ -12,8 +12,12 @@ import anyio
 from starlette.requests import ClientDisconnect, Request
 
 RAW_TYPES = ("application/octet-stream",)
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/pjpeg", "image/bmp", "image/x-ms-bmp", "image/x-bmp",
-               "image/tiff", "image/tiff-fx", "image/webp")
+# the content types of the formats patchsearch.data.ALLOWED_FORMATS holds (Pillow's names)
+FORMAT_TYPES = {"PNG": ("image/png",), "JPEG": ("image/jpeg", "image/pjpeg"),
+                "BMP": ("image/bmp", "image/x-ms-bmp", "image/x-bmp"), "TIFF": ("image/tiff", "image/tiff-fx"),
+                "WEBP": ("image/webp",), "PPM": ("image/x-portable-anymap", "image/x-portable-pixmap",
+                                                 "image/x-portable-graymap", "image/x-portable-bitmap")}
+IMAGE_TYPES = tuple(t for types in FORMAT_TYPES.values() for t in types)
 FIELDS = ("file", "image")
 
 
@@ -36,9 +40,10 @@ def check_type(request: Request, limit: int, error) -> None:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not (ctype == "multipart/form-data" or ctype in RAW_TYPES or ctype in IMAGE_TYPES):
         raise error(415, "unsupported_media_type",
-                    f"content type {ctype or '(none)'!r} is not accepted: send PNG, JPEG, BMP, TIFF or WebP bytes as "
-                    f"image/png, image/jpeg, ... or application/octet-stream, or multipart/form-data with a 'file' "
-                    f"field (curl -H 'Content-Type: image/png' --data-binary @frame.png, or curl -F file=@frame.png)")
+                    f"content type {ctype or '(none)'!r} is not accepted: send PNG, JPEG, BMP, TIFF, WebP or Netpbm "
+                    f"bytes as image/png, image/jpeg, ... or application/octet-stream, or multipart/form-data with a "
+                    f"'file' field (curl -H 'Content-Type: image/png' --data-binary @frame.png, or curl -F "
+                    f"file=@frame.png)")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise error(413, "body_too_large", f"the body is {int(declared)} bytes, over the limit of {limit} bytes "

@@ -121,7 +121,8 @@ class Inspector:
             raise self.refuse("frame_too_large", 413, f"{shown}: decoding this {info.width}x{info.height} {info.mode} "
                                                       f"{info.format} frame{' with its heatmap' if heatmap else ''} "
                                                       f"needs about {cost / MIB:.0f} MiB, over the decode memory "
-                                                      f"budget of {self.budget.total / MIB:.0f} MiB (--decode-memory-mb)")
+                                                      f"budget of {self.budget.total / MIB:.0f} MiB "
+                                                      f"(--decode-memory-mb)")
         if not await self.budget.acquire(cost, max(0.0, deadline - time.monotonic())):
             raise self.refuse("memory_timeout", 503, "the decode memory budget stayed in use until this frame's "
                                                      "deadline (--queue-timeout); retry shortly", RETRY)
@@ -181,9 +182,10 @@ def _prepare(loaded, data: bytes, name: str, max_pixels: int):
 
 def _unjudged(loaded, name: str, info, reason: str, message: str) -> dict:
     """The answer for a frame that decodes but cannot be judged (e.g. NaN pixel values)."""
+    calibration = loaded.index.manifest.calibration or {}
     return {"category": loaded.category, "version": loaded.version, "name": name or None,
             "frame": {"width": info.width, "height": info.height}, "decision": "ERROR", "reason": reason,
-            "error": message, "threshold": ((loaded.index.manifest.calibration or {}).get("image") or {}).get("threshold")}
+            "error": message, "threshold": (calibration.get("image") or {}).get("threshold")}
 
 
 def _answer(loaded, part, data: bytes, size, name: str, heatmap: bool, max_pixels: int) -> dict:

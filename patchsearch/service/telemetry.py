@@ -76,7 +76,8 @@ class Telemetry:
                                     registry=r)
         self.reloads = Counter("patchsearch_reloads", "index versions loaded", ["category", "outcome"], registry=r)
         self.rejected = Counter("patchsearch_rejected", "requests refused", ["reason"], registry=r)
-        Gauge("patchsearch_queue_depth", "frames waiting for a batch", registry=r).set_function(lambda: self.queue_depth())
+        Gauge("patchsearch_queue_depth", "frames waiting for a batch",
+              registry=r).set_function(lambda: self.queue_depth())
         Gauge("patchsearch_inflight", "inspect requests admitted", registry=r).set_function(lambda: self.inflight())
         Gauge("patchsearch_decode_bytes", "decode memory budget in use, bytes",
               registry=r).set_function(lambda: self.decode_bytes())
