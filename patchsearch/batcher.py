@@ -5,7 +5,9 @@ first waiting job, then keeps gathering jobs until it holds ``max_batch`` of the
 ``max_wait_s`` has passed since the first one, and hands the list to ``run``. So a
 lone request waits at most ``max_wait_s`` more than it would alone, and under load one
 backbone call serves many requests. A full queue refuses new jobs (:class:`Overloaded`)
-instead of growing memory. Nothing here knows about images or HTTP.
+instead of growing memory, and a job still waiting at its deadline is dropped
+(:class:`Expired`) instead of being run for a caller that has given up. Nothing here
+knows about images or HTTP.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Callable
 
 log = logging.getLogger(__name__)
@@ -24,16 +26,22 @@ class Overloaded(Exception):
     """The batcher's queue is full: try again later (HTTP 503 with Retry-After)."""
 
 
+class Expired(Overloaded):
+    """The job waited in the queue past its deadline and was not run."""
+
+
 class Job:
-    """One unit of work: ``payload`` (anything ``run`` understands) and the
-    :class:`~concurrent.futures.Future` that ``run`` completes."""
+    """One unit of work: ``payload`` (anything ``run`` understands), the
+    :class:`~concurrent.futures.Future` that ``run`` completes, and the ``deadline``
+    (``time.monotonic()`` seconds, or None) by which it must have left the queue."""
 
-    __slots__ = ("payload", "future", "queued_at")
+    __slots__ = ("payload", "future", "queued_at", "deadline")
 
-    def __init__(self, payload):
+    def __init__(self, payload, deadline: float | None = None):
         self.payload = payload
         self.future: Future = Future()
-        self.queued_at = time.perf_counter()
+        self.queued_at = time.monotonic()
+        self.deadline = deadline
 
 
 class Batcher:
@@ -70,15 +78,20 @@ class Batcher:
         """Jobs waiting (not yet taken into a batch)."""
         return self._queue.qsize()
 
-    def submit(self, payload) -> Future:
+    def submit(self, payload, deadline: float | None = None) -> Future:
         """Queue ``payload``; returns the future ``run`` completes.
+
+        Args:
+            deadline: ``time.monotonic()`` by which the job must be taken into a batch; a
+                job still waiting then fails with :class:`Expired` (None: no deadline).
+                Cancelling the future before its batch starts also drops the job.
 
         Raises:
             Overloaded: the queue is full, or the batcher is closed.
         """
         if self._stop.is_set():
             raise Overloaded("the service is shutting down")
-        job = Job(payload)
+        job = Job(payload, deadline)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -94,40 +107,62 @@ class Batcher:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            job.future.set_exception(Overloaded("the service is shutting down"))
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(Overloaded("the service is shutting down"))
+
+    def _take(self, timeout: float):
+        """The next waiting job that is neither past its deadline nor cancelled, or None."""
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            try:
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return None
+            if job.future.done():  # cancelled by its caller
+                continue
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                waited = time.monotonic() - job.queued_at
+                try:
+                    job.future.set_exception(Expired(f"waited {waited:.1f} s in the queue, past its deadline"))
+                except InvalidStateError:  # cancelled meanwhile
+                    pass
+                continue
+            return job
 
     def _gather(self) -> list:
-        try:
-            first = self._queue.get(timeout=0.1)
-        except queue.Empty:
+        first = self._take(0.1)
+        if first is None:
             return []
         jobs = [first]
-        deadline = time.perf_counter() + self.max_wait_s
+        deadline = time.monotonic() + self.max_wait_s
         while len(jobs) < self.max_batch:
-            left = deadline - time.perf_counter()
-            try:
-                jobs.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
-            except queue.Empty:
+            job = self._take(max(0.0, deadline - time.monotonic()))
+            if job is None:
                 break
+            jobs.append(job)
         return jobs
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            jobs = self._gather()
-            if not jobs:
-                continue
-            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-            if not jobs:
-                continue
-            try:
-                self.run(jobs)
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
-                log.exception("batch of %d failed", len(jobs))
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
+            self._once()
+
+    def _once(self) -> None:
+        """Gather and run one batch. Its jobs (payloads, results) are referenced only while
+        this runs: an idle worker keeps nothing of the last batch alive."""
+        jobs = self._gather()
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        try:
+            self.run(jobs)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+            log.exception("batch of %d failed", len(jobs))
             for j in jobs:
                 if not j.future.done():
-                    j.future.set_exception(RuntimeError("the batch left this job unanswered"))
-            if self.on_batch is not None:
-                self.on_batch(len(jobs))
+                    j.future.set_exception(exc)
+        for j in jobs:
+            if not j.future.done():
+                j.future.set_exception(RuntimeError("the batch left this job unanswered"))
+        if self.on_batch is not None:
+            self.on_batch(len(jobs))

@@ -507,10 +507,6 @@ def info(category, index_dir, as_json):
                    f"{h['calibration']}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.command()
 @_index_dir_option
 @_data_root_option
@@ -529,23 +525,48 @@ if __name__ == "__main__":
               help="frames waiting at most; beyond: 503 with Retry-After")
 @click.option("--poll", "poll_s", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
               help="seconds between checks of each category's CURRENT (hot reload)")
+@click.option("--max-pixels", type=click.IntRange(min=256), default=None,
+              help="largest frame, width x height pixels from its header; larger: 413  [default: 8192 x 8192]")
+@click.option("--decode-memory-mb", type=click.FloatRange(min=16), default=1024.0, show_default=True,
+              help="memory all concurrent frame decodes may take together, MiB")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="threads for image work (decode, maps); 0 = CPU count, 2 to 8")
+@click.option("--queue-timeout", "queue_timeout_s", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="seconds a frame may wait for its backbone batch; beyond: 503")
+@click.option("--header-timeout", "header_timeout_s", type=click.FloatRange(min=0.1), default=10.0,
+              show_default=True, help="seconds for a request's headers; beyond: 408, closed")
+@click.option("--body-timeout", "body_timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="seconds for a request's body; beyond: 408, closed")
+@click.option("--max-connections", type=click.IntRange(min=1), default=256, show_default=True,
+              help="open connections at most; one more closes the longest idle one (or gets 503)")
+@click.option("--allow-host", "allow_hosts", multiple=True,
+              help="another Host name to answer to (bound to loopback only loopback names are; repeatable)")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @_friendly
 def serve(index_dir, data_root, host, port, device, token, max_body_mb, max_batch, max_wait_ms, max_queue, poll_s,
-          log_level):
+          max_pixels, decode_memory_mb, workers, queue_timeout_s, header_timeout_s, body_timeout_s, max_connections,
+          allow_hosts, log_level):
     """Serve every category under --index-dir over HTTP (needs the 'serve' extra).
 
     POST /v1/categories/<category>/inspect with a frame; GET / for the page; see the README.
     """
     try:
         from .service.app import Settings
-        from .service.run import serve as run_serve
+        from .service.run import allowed_hosts, serve as run_serve
     except ImportError as exc:
         raise InputError(f"patchsearch serve needs its extra: pip install 'patchsearch[serve]' ({exc})") from None
     if not index_dir.is_dir():
         raise InputError(f"--index-dir {index_dir} does not exist")
     device = _device(device)
+    limits = {"max_pixels": max_pixels} if max_pixels else {}
     run_serve(Settings(index_dir=index_dir, data_root=_data_root(data_root), device=device, token=token or None,
                        max_body_mb=max_body_mb, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                       poll_s=poll_s), host, port, log_level)
+                       poll_s=poll_s, decode_memory_mb=decode_memory_mb, workers=workers,
+                       queue_timeout_s=queue_timeout_s, header_timeout_s=header_timeout_s,
+                       body_timeout_s=body_timeout_s, max_connections=max_connections,
+                       allowed_hosts=allowed_hosts(host, tuple(allow_hosts)), **limits), host, port, log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,12 +9,18 @@ whole frame at 256) in a temporary folder and uses synthetic 896 x 896 PNG frame
 The server runs in a subprocess on 127.0.0.1; clients are threads with httpx.
 
     python scripts/bench_serve.py [--requests 24] [--concurrency 1,4,16]
+
+With ``--burst N`` it measures instead how long ``GET /healthz`` takes (a fresh
+connection each time, every 50 ms) while N inspect requests are in flight at once
+(``--max-queue`` raised so that all N are admitted), next to the idle service's.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import threading
 import signal
 import socket
 import statistics
@@ -73,13 +79,57 @@ def run_level(base: str, category: str, frames: list[bytes], concurrency: int, r
             "ips": requests / wall, "failed": sum(s != 200 for _, s in results)}
 
 
-def serve(index_dir: Path, data_root: Path, max_batch: int):
+def health_under_burst(base: str, category: str, frames: list[bytes], n: int) -> dict:
+    """/healthz latency (ms: p50, p95, max) while ``n`` inspect requests are in flight, and idle."""
+    def probe_once() -> float:
+        t0 = time.perf_counter()
+        httpx.get(base + "/healthz", timeout=30).raise_for_status()
+        return time.perf_counter() - t0
+
+    idle = [probe_once() for _ in range(30)]
+    inflight, probes, done = [0], [], threading.Event()
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=n + 8)) as c:
+            async def one(i):
+                inflight[0] += 1
+                try:
+                    r = await c.post(f"/v1/categories/{category}/inspect", content=frames[i % len(frames)],
+                                     headers={"content-type": "image/png"})
+                    return r.status_code
+                finally:
+                    inflight[0] -= 1
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+    def prober():
+        while not done.is_set():
+            busy = inflight[0]
+            t = probe_once()
+            if busy >= n // 2:
+                probes.append(t)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=prober, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    codes = asyncio.run(burst())
+    wall = time.perf_counter() - t0
+    done.set()
+    thread.join(30)
+    ms = lambda v, q: float(np.percentile(np.asarray(v) * 1000.0, q))  # noqa: E731
+    return {"n": len(probes), "p50": ms(probes, 50), "p95": ms(probes, 95), "max": max(probes) * 1000.0,
+            "idle_p50": ms(idle, 50), "idle_p95": ms(idle, 95), "idle_max": max(idle) * 1000.0, "burst_s": wall,
+            "answered": sum(c == 200 for c in codes), "refused": sum(c == 503 for c in codes),
+            "other": sum(c not in (200, 503) for c in codes)}
+
+
+def serve(index_dir: Path, data_root: Path, max_batch: int, *extra: str):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-c", "from patchsearch.cli import main; main()", "serve",
                              "--index-dir", str(index_dir), "--data-root", str(data_root), "--port", str(port),
-                             "--max-batch", str(max_batch), "--log-level", "warning"],
+                             "--max-batch", str(max_batch), "--log-level", "warning", *extra],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -103,6 +153,7 @@ def main():
     ap.add_argument("--requests", type=int, default=24, help="requests per concurrency level")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--burst", type=int, default=0, help="measure /healthz while this many inspects are in flight")
     args = ap.parse_args()
     from patchsearch import PatchIndex
     from patchsearch.query import query
@@ -132,6 +183,21 @@ def main():
           f"({len(lib)} frames)")
     index.close()
     print(f"load average before serving: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    if args.burst:
+        proc, base = serve(args.index_dir, data_root, args.max_batch, "--max-queue", str(args.burst + 16),
+                           "--queue-timeout", "600", "--body-timeout", "600")
+        try:
+            r = health_under_burst(base, args.category, frames, args.burst)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        print(f"\n/healthz while {args.burst} inspect requests are in flight ({r['burst_s']:.1f} s; {r['answered']} "
+              f"answered, {r['refused']} refused, {r['other']} other): n={r['n']}, p50 {r['p50']:.0f} ms, p95 "
+              f"{r['p95']:.0f} ms, max {r['max']:.0f} ms; idle service: p50 {r['idle_p50']:.0f} ms, p95 "
+              f"{r['idle_p95']:.0f} ms, max {r['idle_max']:.0f} ms; load average now "
+              f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'):.2f}")
+        tmp.cleanup()
+        return
     print("\n| service | concurrency | p50 ms | p95 ms | p99 ms | images/s | p50 / library | failed |")
     print("|---|---|---|---|---|---|---|---|")
     for label, max_batch in ((f"batched (max batch {args.max_batch})", args.max_batch), ("batch size 1", 1)):

@@ -114,7 +114,7 @@ def test_maps_drawn_per_frame_after_a_batched_search_equal_judge(site):
     emb = embedder_for(index)(torch.cat([geometry.frame_tensor(f) for f in frames])).numpy()
     sizes = [f.size for f in frames]
     whole = judge(index, emb, sizes)
-    searched = judge(index, emb, sizes, maps=False)
+    searched = judge(index, emb, sizes, maps=False, regions=False)  # what a service batch does
     assert searched.anomaly_maps is None and searched.regions is None
     for i in range(len(frames)):
         one = add_maps(index, searched.frame(i), [sizes[i]])
@@ -156,7 +156,7 @@ def test_bad_requests_get_a_json_4xx_and_the_service_keeps_serving(site, client)
     png = (root / "widget/test/good/000.png").read_bytes()
     inspect = "/v1/categories/widget/inspect"
     cases = [
-        (client.post(inspect, content=b"these are not image bytes", headers=PNG), 400, "not_an_image"),
+        (client.post(inspect, content=b"these are not image bytes", headers=PNG), 415, "unsupported_format"),
         (client.post(inspect, content=png[: len(png) // 2], headers=PNG), 400, "not_an_image"),  # truncated
         (client.post(inspect, content=b"", headers=PNG), 400, "empty_body"),
         (client.post(inspect, content=os.urandom(60_000), headers=PNG), 413, "body_too_large"),  # limit 0.05 MiB
@@ -256,23 +256,23 @@ def test_overloaded_service_answers_503_with_retry_after(site, monkeypatch):
         real(jobs)
 
     monkeypatch.setattr(registry_module, "_run_batch", slow)
-    c = _client(Settings(index_dir=idx, data_root=root, max_batch=1, max_queue=1))
+    c = _client(Settings(index_dir=idx, data_root=root, max_batch=1, max_queue=2))
     try:
         png = (root / "widget/test/good/000.png").read_bytes()
         post = lambda: c.post("/v1/categories/widget/inspect", content=png, headers=PNG)  # noqa: E731
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(post)
             assert entered.wait(10)  # taken by the worker, blocked
-            second = pool.submit(post)  # waits in the queue (1 place)
+            second = pool.submit(post)  # waits in the queue: the second of 2 places in the service
             deadline = time.time() + 10
             while c.app.state.registry.queue_depth() < 1 and time.time() < deadline:
                 time.sleep(0.01)
             third = post()
             gate.set()
             assert third.status_code == 503 and third.headers["retry-after"] == "1"
-            assert third.json()["error"] == "overloaded"
+            assert third.json()["error"] == "queue_full" and "--max-queue" in third.json()["message"]
             assert first.result().status_code == 200 and second.result().status_code == 200
-        assert 'patchsearch_rejected_total{reason="overloaded"} 1.0' in c.get("/metrics").text
+        assert 'patchsearch_rejected_total{reason="queue_full"} 1.0' in c.get("/metrics").text
     finally:
         gate.set()
         c.__exit__(None, None, None)

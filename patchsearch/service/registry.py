@@ -17,6 +17,7 @@ then searched in its own category's index, all frames of one index at once.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from pathlib import Path
@@ -27,17 +28,19 @@ import numpy as np
 from ..batcher import Batcher
 from ..errors import PatchsearchError
 from ..index import PatchIndex
-from ..query import embedder_for, embedder_key, geometry_of, judge
+from ..query import embedder_for, embedder_key, geometry_of, judge, thresholds_of
 from ..versions import CURRENT, LEGACY_MANIFEST, current_version
+from .limits import background_thread
+from .pending import Pending
 
 log = logging.getLogger("patchsearch.serve")
-CATEGORY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CATEGORY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def valid_category(name: str) -> bool:
     """A category name the service accepts: 1-64 of ``[A-Za-z0-9_.-]``, starting with a
     letter or digit (so never ``..``, a path separator or a hidden file)."""
-    return bool(CATEGORY.match(name))
+    return isinstance(name, str) and CATEGORY.fullmatch(name) is not None
 
 
 class Loaded:
@@ -45,6 +48,7 @@ class Loaded:
     geometry and decode bit depth, and how many requests use it.
 
     ``close()`` happens once the version is retired (replaced) and unused.
+    ``judgeable``: the version has a finite image threshold (else it answers ERROR).
     """
 
     def __init__(self, category: str, index: PatchIndex, embedder, device: str):
@@ -56,6 +60,8 @@ class Loaded:
         self.batch_key = (embedder_key(index), bottom - top, right - left)  # frames stack when these agree
         self._refs, self._retired, self._lock = 0, False, threading.Lock()
         self._images = None  # training image records, read on first use
+        threshold = thresholds_of(index)[0]
+        self.judgeable = threshold is not None and math.isfinite(threshold) and threshold > 0
 
     def acquire(self) -> "Loaded":
         with self._lock:
@@ -104,7 +110,8 @@ class Registry:
         max_batch, max_wait_s, max_queue: see :class:`~patchsearch.batcher.Batcher` (per
             backbone and input size).
         on_batch: callback(batch size); on_reload: callback(category, outcome) with outcome
-            ``"loaded"`` or ``"failed"``.
+            ``"loaded"``, ``"failed"`` (retried with back-off) or ``"refused"`` (uncalibrated,
+            while a calibrated version answers).
     """
 
     def __init__(self, index_dir, device: str = "cpu", max_batch: int = 8, max_wait_s: float = 0.005,
@@ -117,7 +124,8 @@ class Registry:
         self._embedders: dict = {}
         self._batchers: dict = {}
         self._lock = threading.Lock()
-        self._failed: dict[str, str] = {}  # category -> version that failed to load (not retried until it changes)
+        self._pending: dict[str, Pending] = {}  # category -> why CURRENT's version is not the one answering
+        self._known: list[str] = []  # categories found by the last pass
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self.ready = threading.Event()
@@ -147,53 +155,98 @@ class Registry:
         return out
 
     def refresh(self) -> None:
-        """Load every category whose ``CURRENT`` names a version other than the one answering."""
-        for category in self._on_disk():
+        """Load every category whose ``CURRENT`` names a version other than the one answering
+        (a version that failed to load is tried again after its back-off; one refused as
+        uncalibrated only once ``CURRENT`` names another)."""
+        found = self._on_disk()
+        for category in found:
             path = self.index_dir / category
             try:
                 version = current_version(path)
             except PatchsearchError as exc:
                 log.warning("%s: %s", category, exc)
+                self._set_pending(category, Pending(None, "unreadable_current", str(exc)))
                 continue
             loaded = self._current.get(category)
             if loaded is not None and (version is None or version == loaded.version):
+                self._set_pending(category, None)
                 continue
-            if self._failed.get(category) == version:
-                continue
-            self._load(category, path, version)
+            pending = self._pending.get(category)
+            attempts = 0
+            if pending is not None and pending.version == version:
+                if not pending.due():
+                    continue
+                attempts = pending.attempts
+            self._load(category, path, version, attempts)
+        with self._lock:
+            self._known = sorted(set(found) | set(self._current))
 
-    def _load(self, category: str, path: Path, version: str | None) -> None:
+    def _load(self, category: str, path: Path, version: str | None, attempts: int = 0) -> None:
         try:
             index = PatchIndex.load(path, device=self.device)  # searches where the backbone runs
-        except (PatchsearchError, OSError) as exc:
-            log.error("%s: cannot load %s: %s", category, version, exc)
-            self._failed[category] = version
+            try:
+                embedder = embedder_for(index, cache=self._embedders)
+                if self.device != "cpu":
+                    embedder.to(self.device)
+                new = Loaded(category, index, embedder, self.device)
+            except BaseException:
+                index.close()
+                raise
+        except Exception as exc:  # noqa: BLE001 - any failure to load is retried, never fatal
+            pending = Pending.failed(version, exc, attempts + 1)
+            log.error("%s: cannot load %s (attempt %d; next try in %.0f s): %s", category, version, pending.attempts,
+                      pending.retry_in(), pending.message)
+            self._set_pending(category, pending)
             self.on_reload(category, "failed")
             return
-        try:
-            embedder = embedder_for(index, cache=self._embedders)
-            if self.device != "cpu":
-                embedder.to(self.device)
-            new = Loaded(category, index, embedder, self.device)
-        except (PatchsearchError, OSError) as exc:
-            index.close()
-            log.error("%s: cannot serve %s: %s", category, version, exc)
-            self._failed[category] = version
-            self.on_reload(category, "failed")
+        old = self._current.get(category)
+        if not new.judgeable and old is not None and old.judgeable:
+            new.retire()  # never switch to a version that cannot judge: the old one keeps answering
+            self._set_pending(category, Pending.uncalibrated(new.version, old.version))
+            log.error("%s: not serving %s: %s", category, new.version, self._pending[category].message)
+            self.on_reload(category, "refused")
             return
         with self._lock:
-            old = self._current.get(category)
             self._current[category] = new
-        self._failed.pop(category, None)
+        self._set_pending(category, None if new.judgeable else Pending.uncalibrated(new.version, None))
         if old is not None:
             old.retire()
-        log.info("%s: serving %s (%d x %d memory bank)", category, new.version, index.size, index.dim)
+        log.info("%s: serving %s (%d x %d memory bank%s)", category, new.version, index.size, index.dim,
+                 "" if new.judgeable else "; NOT CALIBRATED: every frame is answered ERROR")
         self.on_reload(category, "loaded")
+
+    def _set_pending(self, category: str, pending: "Pending | None") -> None:
+        with self._lock:
+            if pending is None:
+                self._pending.pop(category, None)
+            else:
+                self._pending[category] = pending
+
+    def status(self) -> dict[str, dict]:
+        """{category: {"ready", "version" (answering, or None), "calibrated", and when not
+        ready "reason", "message", "pending_version", "attempts", "retry_in_s"}} for every
+        category found on disk or loaded. Ready: answering with a calibrated version, the
+        one ``CURRENT`` names."""
+        with self._lock:
+            known, current, pending = list(self._known), dict(self._current), dict(self._pending)
+        out = {}
+        for category in sorted(set(known) | set(current)):
+            loaded, p = current.get(category), pending.get(category)
+            entry = {"ready": loaded is not None and loaded.judgeable and p is None,
+                     "version": loaded.version if loaded else None,
+                     "calibrated": bool(loaded and loaded.judgeable)}
+            if p is not None:
+                entry.update(p.describe())
+            elif loaded is None:
+                entry.update(reason="loading", message="not loaded yet")
+            out[category] = entry
+        return out
 
     def start(self, poll_s: float = 1.0) -> None:
         """Load every category in a background thread, then poll for new versions every ``poll_s``
         seconds; ``ready`` is set after the first pass."""
         def loop():
+            background_thread()
             while not self._stop.is_set():
                 try:
                     self.refresh()
@@ -218,9 +271,11 @@ class Registry:
             loaded.retire()
 
     # inference ----------------------------------------------------------------------------
-    def submit(self, loaded: Loaded, tensor, frame_size: tuple[int, int]):
+    def submit(self, loaded: Loaded, tensor, frame_size: tuple[int, int], deadline: float | None = None):
         """Queue one frame (its (T, 3, th, tw) input tensor and (width, height)) for ``loaded``;
         returns a future of the frame's :class:`SearchResult` (one image, without its anomaly map).
+        ``deadline``: ``time.monotonic()`` by which its batch must start, else the future
+        fails with :class:`~patchsearch.batcher.Expired`.
 
         Raises:
             Overloaded: the batcher's queue is full.
@@ -231,7 +286,7 @@ class Registry:
                 batcher = self._batchers[loaded.batch_key] = Batcher(
                     _run_batch, self.max_batch, self.max_wait_s, self.max_queue, self.on_batch,
                     name=f"patchsearch-batch-{len(self._batchers)}")
-        return batcher.submit((loaded, tensor, frame_size))
+        return batcher.submit((loaded, tensor, frame_size), deadline)
 
     def queue_depth(self) -> int:
         """Frames waiting in all batchers."""
@@ -245,6 +300,7 @@ def _run_batch(jobs) -> None:
     rather than in this one worker)."""
     import torch
 
+    background_thread()  # the backbone (and its compute threads) yield to the event loop
     first = jobs[0].payload[0]
     tensor = torch.cat([j.payload[1] for j in jobs])
     if first.device != "cpu":
@@ -258,7 +314,7 @@ def _run_batch(jobs) -> None:
         loaded = jobs[members[0]].payload[0]
         try:
             part = judge(loaded.index, np.concatenate([emb[starts[n]:starts[n + 1]] for n in members]),
-                         [jobs[n].payload[2] for n in members], maps=False)
+                         [jobs[n].payload[2] for n in members], maps=False, regions=False)
         except Exception as exc:  # noqa: BLE001 - fails these frames only
             for n in members:
                 jobs[n].future.set_exception(exc)

@@ -6,7 +6,7 @@ embedding space, as everywhere in patchsearch; pixel coordinates are frame pixel
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, Field
 
@@ -47,8 +47,9 @@ class Inspection(BaseModel):
     version: Optional[str] = Field(description="index version that judged the frame, e.g. v000003")
     name: Optional[str] = Field(None, description="the uploaded file's name, if given")
     frame: dict = Field(description="{'width', 'height'} of the frame, pixels")
-    decision: Optional[str] = Field(description="OK, NG, or ERROR (never OK for a frame that could not be judged); "
-                                    "null when the index is not calibrated")
+    decision: Literal["OK", "NG", "ERROR"] = Field(description="OK, NG, or ERROR (never OK for a frame that could not "
+                                                   "be judged; ERROR, with a reason, when the index is not calibrated)")
+    reason: Optional[str] = Field(None, description="why the decision is ERROR: uncalibrated, non_finite_score, ...")
     image_score: Optional[float] = Field(None, description="PatchCore Eq. 7 image score, L2")
     normalized_score: Optional[float] = Field(None, description="image_score / threshold (1.0 at the threshold)")
     threshold: Optional[float] = Field(description="calibrated image threshold (L2), null if uncalibrated")
@@ -63,15 +64,21 @@ class Inspection(BaseModel):
 
 
 class Category(BaseModel):
-    """One loaded index."""
+    """One category of the index directory: the version answering, and whether it is ready."""
     name: str
-    version: Optional[str]
-    backbone: Optional[str]
-    layers: Optional[list[str]]
-    embedding_dim: int
-    bank_size: int
-    index_type: str
-    geometry: Optional[dict]
-    created: Optional[str] = Field(description="build time, ISO 8601 UTC")
-    threshold: Optional[float] = Field(description="image threshold (L2), null if uncalibrated")
-    pixel_threshold: Optional[float]
+    ready: bool = Field(description="answers with the version CURRENT names, and that version is calibrated")
+    reason: Optional[str] = Field(None, description="why not ready: load_failed, uncalibrated, unreadable_current, "
+                                  "loading")
+    message: Optional[str] = None
+    pending_version: Optional[str] = Field(None, description="the version CURRENT names, when it is not answering")
+    version: Optional[str] = Field(None, description="the version answering (null: none)")
+    calibrated: bool = False
+    backbone: Optional[str] = None
+    layers: Optional[list[str]] = None
+    embedding_dim: Optional[int] = None
+    bank_size: Optional[int] = None
+    index_type: Optional[str] = None
+    geometry: Optional[dict] = None
+    created: Optional[str] = Field(None, description="build time, ISO 8601 UTC")
+    threshold: Optional[float] = Field(None, description="image threshold (L2), null if uncalibrated")
+    pixel_threshold: Optional[float] = None
