@@ -130,7 +130,9 @@ def iter_query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: in
         part = None
         if batch.tensor is not None:
             emb = embedder_for(index, weights)(batch.tensor).numpy()
-            part = judge(index, emb, batch.frame_sizes, k, b, maps, sigma, threshold, regions)
+            part = judge(index, emb, batch.frame_sizes, k, b, False, sigma, threshold, regions)
+            if maps or (regions and part.pixel_threshold is not None):  # regions need no frame-size map
+                add_maps(index, part, batch.frame_sizes, sigma, regions, maps)
         result = _expand(part, [i - first for i in batch.good], n, {i - first: e for i, e in batch.errors.items()},
                          [str(p) for p in paths[first:first + n]], k, maps)
         result.reasons = {i - first: r for i, r in batch.reasons.items()}
@@ -162,8 +164,8 @@ def judge(index: PatchIndex, embeddings: np.ndarray, frame_sizes, k: int = K, b:
         raise InputError(f"{len(embeddings)} tile embeddings do not divide into {n} frames")
     part = _search_embeddings(index, np.asarray(embeddings), k, b, tiles=len(embeddings) // n)
     part.threshold, part.pixel_threshold = image_t, pixel_t
-    if maps or (regions and pixel_t is not None):
-        add_maps(index, part, frame_sizes, sigma, regions, maps)
+    if maps:
+        add_maps(index, part, frame_sizes, sigma, regions)
     return part
 
 
@@ -196,7 +198,7 @@ def add_maps(index: PatchIndex, part: SearchResult, frame_sizes, sigma: float = 
 
 def query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 16, maps: bool = True,
           sigma: float = SIGMA, threshold: float | None = None, regions: bool = True,
-          weights: str | None = None) -> SearchResult:
+          weights: str | None = None, max_pixels: int | None = None) -> SearchResult:
     """Embed and search images with the backbone the index was built with.
 
     Args:
@@ -205,21 +207,27 @@ def query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 1
             preprocessed (ImageNet-normalised backbone input).
         k, b: see :meth:`PatchIndex.search`.
         batch_size: images embedded at a time.
-        maps: compute anomaly maps (one float32 (h, w) per frame: see :class:`SearchResult`).
+        maps: keep the anomaly maps (one float32 (h, w) per frame at frame resolution,
+            resized once from the input-resolution map: see :class:`SearchResult`).
         sigma: Gaussian blur of the anomaly maps, input pixels (PatchCore: 4).
         threshold: image threshold overriding the calibrated one (L2).
-        regions: find defect regions (needs maps and a calibrated pixel threshold).
+        regions: find defect regions (needs a calibrated pixel threshold; found on the
+            input-resolution map, reported in frame pixels, also without ``maps``).
         weights: see :func:`embedder_for`.
+        max_pixels: the pixel budget per frame (default
+            :data:`patchsearch.data.DEFAULT_MAX_PIXELS`): larger frames are ERROR
+            ``too_large``, refused from their header.
 
     Returns:
         :class:`SearchResult` with ``paths`` (for path input), ``anomaly_maps``,
-        ``regions``, ``threshold`` (hence ``decisions``) and ``errors`` for unreadable images.
+        ``regions``, ``threshold`` (hence ``decisions``, always OK, NG or ERROR) and
+        ``errors`` / ``reasons`` for frames that could not be read.
 
     Raises:
         InputError: no image, a bad tensor shape.
         IndexFormatError: see :func:`embedder_for`.
     """
-    parts = list(iter_query(index, images, k, b, batch_size, maps, sigma, threshold, regions, weights))
+    parts = list(iter_query(index, images, k, b, batch_size, maps, sigma, threshold, regions, weights, max_pixels))
     if not parts:
         raise InputError("no image to query")
     out = SearchResult(
