@@ -522,7 +522,8 @@ def info(category, index_dir, as_json):
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="how long a batch waits for more frames after its first, ms")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
-              help="frames waiting at most; beyond: 503 with Retry-After")
+              help="frames in the service at once (body arriving, decoding, queued, judged); one more: 503 with "
+                   "Retry-After, its body unread")
 @click.option("--poll", "poll_s", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
               help="seconds between checks of each category's CURRENT (hot reload)")
 @click.option("--max-pixels", type=click.IntRange(min=256), default=None,

@@ -169,7 +169,7 @@ class Registry:
                 continue
             loaded = self._current.get(category)
             if loaded is not None and (version is None or version == loaded.version):
-                self._set_pending(category, None)
+                self._set_pending(category, None if loaded.judgeable else Pending.uncalibrated(loaded.version, None))
                 continue
             pending = self._pending.get(category)
             attempts = 0
