@@ -129,15 +129,15 @@ def _reduced_rgb(img: Image.Image, bit_depth: int | None, name: str, box, factor
     """The region ``box`` of a decoded frame, box-averaged by ``factors``, as 8-bit RGB."""
     if img.mode in HIGH_BIT_MODES:
         return high_bit_to_l(img, bit_depth, name, box, factors).convert("RGB")
-    if img.mode in ("1", "P"):  # Image.reduce takes neither; a palette may carry transparency
-        img = img.convert("L") if img.mode == "1" else to_rgb8(img, bit_depth, name)
     left, top, right, bottom = box
     fx, fy = factors
-    mode = "L" if img.mode == "L" else "RGB"
+    mode = "L" if img.mode in ("L", "1") else "RGB"
     out = Image.new(mode, (math.ceil((right - left) / fx), math.ceil((bottom - top) / fy)))
     for y0, y1 in _bands(bottom - top, right - left, fy):
         band = img.crop((left, top + y0, right, top + y1))
-        if band.mode != mode:
+        if band.mode == "1":  # Image.reduce takes neither 1-bit nor palette images
+            band = band.convert("L")
+        elif band.mode != mode:  # palette (with its transparency), alpha, CMYK, ... -> RGB, band by band
             band = to_rgb8(band, bit_depth, name)
         out.paste(band.reduce((fx, fy)) if fx > 1 or fy > 1 else band, (0, y0 // fy))
     return out.convert("RGB")

@@ -207,3 +207,16 @@ def test_error_reasons_of_the_dataset(tmp_path):
     batch = data.collate([ds[i] for i in range(4)])
     assert batch.good == [3] and batch.reasons == {0: "unsupported_format", 1: "non_finite_pixels", 2: "too_large"}
     assert all(n in batch.errors[i] for i, n in enumerate(("x.eps", "n.tif", "big.png")))
+
+
+@pytest.mark.parametrize("mode", ["P", "1", "LA", "RGBA", "CMYK"])
+def test_reduced_path_takes_every_mode(tmp_path, mode):
+    from patchsearch.frames import prepare_frame
+
+    img = Image.fromarray(_textured(1200, 1500)).convert(mode)
+    ext = "tif" if mode == "CMYK" else "png"
+    img.save(tmp_path / f"m.{ext}")
+    geometry = choose_geometry([(500, 400)], resize=64)
+    tensor, size = prepare_frame(tmp_path / f"m.{ext}", geometry)
+    full = geometry.frame_tensor(data.load_image(tmp_path / f"m.{ext}"))
+    assert size == (1500, 1200) and float((tensor - full).abs().mean()) < 0.03
