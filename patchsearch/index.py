@@ -70,7 +70,9 @@ class PatchIndex:
         # against the shard files): searchers.reranked, asked by RemotePatchIndex too
         self.reranked = searchers.reranked(manifest.index.get("type"), shards[0],
                                            str(lease.path) if lease is not None else "the index")
-        self._sharded = searchers.ShardedSearcher(shards, gpu=plan.faiss_gpu, gpu_ids=plan.gpu_ids)
+        make = ivf.sharded_searcher if searchers.faiss().try_extract_index_ivf(shards[0]) is not None \
+            else searchers.ShardedSearcher
+        self._sharded = make(shards, gpu=plan.faiss_gpu, gpu_ids=plan.gpu_ids)
         self.searcher = self._sharded
         self._init_search_state()
         self.precision = "fp32"
