@@ -161,7 +161,7 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
                 "grid": grid, "extra": {"decode": {"bit_depth": bit_depth}}}
         built = index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params,
                                  progress, log, device)
-        built._embedder = embedder
+        built.embedder = embedder
         if held:
             t0 = time.perf_counter()
             source = "calibration images" if calibration_images else \

@@ -8,6 +8,8 @@ rows hold NaN scores, -1 locations and an entry in ``errors``.
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 from typing import Iterator
 
@@ -60,7 +62,7 @@ def embedder_for(index: PatchIndex, weights: str | None = None, cache: dict | No
         IndexFormatError: the index records no backbone, its weights file is needed and
             not given, or the weights differ from those it was built with.
     """
-    cached = getattr(index, "_embedder", None)
+    cached = index.embedder
     if cached is not None:
         return cached
     from .features import PatchEmbedder
@@ -84,7 +86,7 @@ def embedder_for(index: PatchIndex, weights: str | None = None, cache: dict | No
     if recorded.get("sha256") and emb.weights_id.get("sha256") and recorded["sha256"] != emb.weights_id["sha256"]:
         raise IndexFormatError(f"the weights of {bb['name']} ({emb.weights_id['source']}) differ from "
                                f"those the index was built with ({recorded.get('source')})")
-    index._embedder = emb
+    index.embedder = emb
     if cache is not None:
         cache[key] = emb
     return emb
@@ -314,3 +316,15 @@ def _expand(part: SearchResult | None, good: list[int], n: int, errors: dict, pa
             if regions is not None:
                 regions[i] = part.regions[j]
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """``patchsearch.query`` names both this module and the function :func:`query`
+    (``patchsearch.query(index, frames)``); importing the submodule sets the package's
+    attribute to the module, so the module calls :func:`query`."""
+
+    def __call__(self, index, images, **kwargs) -> SearchResult:
+        return query(index, images, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

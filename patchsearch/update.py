@@ -239,7 +239,7 @@ def _support_after_add(old: np.ndarray | None, bank: np.ndarray, start: int) -> 
 def _reuse(index: PatchIndex, embedder) -> None:
     """Let ``index`` use a caller's embedder if it is the one its manifest records."""
     if embedder is not None and json.loads(json.dumps(embedder.describe())) == index.manifest.backbone:
-        index._embedder = embedder
+        index.embedder = embedder
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -262,7 +262,7 @@ def _finish(index: PatchIndex, bank: np.ndarray, sources: dict, support, shards:
     if embedder is not None:
         from .device import move_module
 
-        built._embedder = move_module(embedder, device)
+        built.embedder = move_module(embedder, device)
     cal, note = refit(built, index.manifest.calibration, data_root, batch_size, f"patchsearch {record['action']}",
                       weights, grown=record["action"] == "add")
     built.manifest.calibration = cal
@@ -285,14 +285,26 @@ def _record(action: str, frames: list[str], index: PatchIndex, store_before: Pat
 # ---------------------------------------------------------------------------------------------
 # add
 
-def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
+def _target(index, embedder, device, name: str):
+    """(index directory, embedder, device) of an update of ``index``: a directory, or a
+    loaded :class:`PatchIndex` (its directory, embedder and device are the defaults)."""
+    if isinstance(index, PatchIndex):
+        if index.path is None:
+            raise InputError(f"{name} needs an index loaded from or saved to an index directory")
+        return index.path, embedder if embedder is not None else index.embedder, \
+            device if device is not None else index.device
+    return index, embedder, device
+
+
+def add_images(index_dir: "str | os.PathLike | PatchIndex", paths: Sequence[str | os.PathLike], *,
                data_root: str | os.PathLike | None = None, weights: str | None = None, batch_size: int = 16,
                workers: int = 0, progress: bool = False, log: Log = lambda msg: None,
                embedder=None, device: str | None = None) -> PatchIndex:
     """Add good frames to the current version of an index: a new version (see the module docstring).
 
     Args:
-        index_dir: the index directory (``<index-dir>/<category>``).
+        index_dir: the index directory (``<index-dir>/<category>``), or a loaded
+            :class:`PatchIndex` (its directory; its embedder and device are the defaults).
         paths: the frames (any size: resized by the recorded geometry like queries).
         data_root: the frames' paths are recorded relative to it (default: their common
             folder); the recorded held-aside calibration frames are looked up under it.
@@ -318,6 +330,7 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
 
     from .device import move_module, resolve_device
 
+    index_dir, embedder, device = _target(index_dir, embedder, device, "add_images")
     index_dir, paths = Path(index_dir), [Path(p) for p in paths]
     if not paths:
         raise InputError("no frame to add")
@@ -457,7 +470,7 @@ def _rewrite(src: PatchStore, directory: Path, partition: int, first_id: int, dr
     return len(keep)
 
 
-def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
+def remove_images(index_dir: "str | os.PathLike | PatchIndex", paths: Sequence[str | os.PathLike], *,
                   data_root: str | os.PathLike | None = None, weights: str | None = None, batch_size: int = 16,
                   log: Log = lambda msg: None, embedder=None, device: str | None = None) -> PatchIndex:
     """Take frames back out of the current version of an index: a new version (module docstring).
@@ -465,7 +478,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     Args:
         paths: the frames, by their path as recorded in the store (relative to ``data_root``)
             or by their file (matched by SHA-256).
-        data_root, weights, batch_size, embedder, device: as :func:`add_images` (paths; the
+        index_dir, data_root, weights, batch_size, embedder, device: as :func:`add_images` (paths; the
             held-aside calibration frames are re-scored with the backbone on ``device``).
 
     Returns:
@@ -477,6 +490,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     """
     from .device import resolve_device
 
+    index_dir, embedder, device = _target(index_dir, embedder, device, "remove_images")
     index_dir, paths = Path(index_dir), [Path(p) for p in paths]
     if not paths:
         raise InputError("no frame to remove")
@@ -562,7 +576,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
                 f"covering radius {radius:.4f}, {space}, L2) in {t_cover:.2f} s")
             t0 = time.perf_counter()
             built = _finish(index, bank, sources, support, shards, shrunk, new_parts, record, radius, space,
-                            root, batch_size, log, getattr(index, "_embedder", None), weights, device)
+                            root, batch_size, log, index.embedder, weights, device)
             record["seconds"] = {"cover": round(t_cover, 3), "index": round(t_index, 3),
                                  "calibrate": round(time.perf_counter() - t0, 3),
                                  "total": round(time.perf_counter() - t_start, 3)}
