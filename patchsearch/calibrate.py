@@ -21,12 +21,16 @@ import numpy as np
 
 from .errors import InputError
 from .index import PatchIndex
-from .refit import images_root
 from .store import relative_path
 from .versions import new_version, tidy
 
 CALIBRATION_FRACTION = 0.1  # of train/good held aside when the category has no validation/good
 MIN_CALIBRATION = 5  # frames held aside at least (at most half of the training frames)
+
+
+def images_root(root: str | os.PathLike) -> str:
+    """The ``"images_root"`` entry of a calibration record: ``root`` as an absolute POSIX path."""
+    return Path(os.path.abspath(root)).as_posix()
 
 
 def split_calibration(image_paths: list[Path], calibration_images, fraction: float, seed: int):

@@ -325,8 +325,8 @@ def add_images(index_dir: "str | os.PathLike | PatchIndex", paths: Sequence[str 
         InputError: no frame, an unreadable frame (named; nothing is installed).
         IndexFormatError: no index, one without a patch store or backbone, other weights.
     """
-    from .pipeline import embed_frames
-    from .query import embedder_for, geometry_of
+    from .ingest import embed_frames
+    from .embedders import embedder_for
 
     from .device import move_module, resolve_device
 
@@ -357,7 +357,7 @@ def add_images(index_dir: "str | os.PathLike | PatchIndex", paths: Sequence[str 
             return index
         _reuse(index, embedder)
         embedder = move_module(embedder_for(index, weights), device)
-        geometry = geometry_of(index)
+        geometry = index.manifest.frame_geometry()
         bit_depth = (index.manifest.extra.get("decode") or {}).get("bit_depth")
         project, space = _projector(index.manifest, index.dim)
         radius, computed = _covering_radius(index, store, project, space, log)
