@@ -13,13 +13,13 @@ bank changed (add, remove, rebuild): :mod:`patchsearch.refit`.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .errors import InputError
+from .files import link_or_copy
 from .index import PatchIndex
 from .store import relative_path
 from .versions import new_version, tidy
@@ -147,10 +147,7 @@ def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Se
                               defects, pick)
         with new_version(index_dir, expect_current=index.version) as tmp:
             for name in index.manifest.files:
-                try:
-                    os.link(index.directory / name, tmp / name)
-                except OSError:
-                    shutil.copyfile(index.directory / name, tmp / name)
+                link_or_copy(index.directory / name, tmp / name)
             index.manifest.calibration = cal
             write_manifest(tmp, index.manifest)
     finally:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +27,7 @@ from .calibrate import CALIBRATION_FRACTION, fit_calibration, split_calibration
 from .coreset import PROJECTION_DIM, check_ratio, kcenter_greedy, radius_space
 from .data import BIT_DEPTHS
 from .errors import InputError, VersionConflict
+from .files import link_or_copy
 from .format import read_manifest
 from .index import PatchIndex
 from .ingest import embed_frames
@@ -227,10 +227,7 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
         timings = {}
         with _install_over(index_dir, lease.version, "rebuild") as tmp:
             for name in store_files:
-                try:
-                    os.link(lease.path / name, tmp / name)
-                except OSError:
-                    shutil.copyfile(lease.path / name, tmp / name)
+                link_or_copy(lease.path / name, tmp / name)
             built = index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params,
                                      progress, log, device)
             if old.calibration:

@@ -45,7 +45,6 @@ import copy
 import datetime
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -55,7 +54,7 @@ import numpy as np
 from .bank import B, MemoryBank, exact_support_sets, support_from_neighbours
 from .coreset import PROJECTION_DIM, radius_space, random_projection
 from .errors import IndexFormatError, InputError
-from .files import sha256
+from .files import link_or_copy, sha256
 from .index import PatchIndex
 from .refit import refit
 from .searchers import KnnSearcher, build_flat_shards, faiss, shard_bounds
@@ -242,13 +241,6 @@ def _reuse(index: PatchIndex, embedder) -> None:
         index.embedder = embedder
 
 
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def _finish(index: PatchIndex, bank: np.ndarray, sources: dict, support, shards: list, store: PatchStore,
             partitions: list[int], record: dict, radius: float, space: str, data_root, batch_size: int,
             log: Log, embedder=None, weights: str | None = None, device: str | None = None) -> PatchIndex:
@@ -365,7 +357,7 @@ def add_images(index_dir: "str | os.PathLike | PatchIndex", paths: Sequence[str 
         part = max(partitions) + 1
         with new_version(index_dir, expect_current=index.version) as tmp:
             for name in store.files:
-                _link(index.directory / name, tmp / name)
+                link_or_copy(index.directory / name, tmp / name)
             t0 = time.perf_counter()
             with PatchStoreWriter(tmp, store.dim, partition=part, first_image_id=store.num_images) as writer:
                 embed_frames(writer, new, embedder, geometry, root, batch_size, workers, bit_depth, progress,
@@ -523,7 +515,7 @@ def remove_images(index_dir: "str | os.PathLike | PatchIndex", paths: Sequence[s
                 touched = touched or bool(ids & drop)
                 if not touched:
                     for name in partition_files(p):
-                        _link(index.directory / name, tmp / name)
+                        link_or_copy(index.directory / name, tmp / name)
                     n = one.num_images
                 else:
                     n = _rewrite(one, tmp, p, first_id, drop)
