@@ -51,67 +51,20 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .bank import B, MemoryBank, exact_support_sets, support_from_neighbours
+from .bank import MemoryBank, exact_support_sets
 from .coreset import PROJECTION_DIM, radius_space, random_projection
+from .coreset_update import REL_TOL, cover
 from .errors import IndexFormatError, InputError
 from .files import link_or_copy, sha256
 from .index import PatchIndex
 from .refit import refit
-from .searchers import KnnSearcher, build_flat_shards, faiss, shard_bounds
+from .searchers import KnnSearcher, faiss
+from .shard_update import shards_after_add, shards_rebuilt
 from .store import ImageRecord, PatchStore, PatchStoreWriter, partition_files, relative_path
+from .support_update import support_after_add, support_width
 from .versions import new_version, tidy
 
 Log = Callable[[str], None]
-REL_TOL = 1e-4  # relative slack on the covering radius for float32 rounding of distances
-
-
-# ---------------------------------------------------------------------------------------------
-# continuing greedy k-center
-
-def cover(bank: np.ndarray, candidates: np.ndarray, radius: float) -> tuple[np.ndarray, float]:
-    """Continue greedy k-center until every candidate is within ``radius`` of the bank.
-
-    Args:
-        bank: float32 (M, p) points already selected (M may be 0), in the coreset's space.
-        candidates: float32 (n, p) points that must end up covered.
-        radius: covering radius r (L2, not squared).
-
-    Returns:
-        (int64 indices into ``candidates`` that join the bank, in selection order: each was
-        the farthest candidate from the bank and the candidates picked before it, at
-        distance > r * (1 + REL_TOL); the largest distance of a candidate to the extended
-        bank afterwards, L2).
-    """
-    candidates = np.ascontiguousarray(candidates, dtype=np.float32)
-    n = len(candidates)
-    if n == 0:
-        return np.empty(0, np.int64), 0.0
-    if len(bank):
-        min_sq = faiss().knn(candidates, np.ascontiguousarray(bank, dtype=np.float32), 1)[0][:, 0]
-        min_sq = np.maximum(min_sq.astype(np.float64), 0.0)
-    else:
-        min_sq = np.full(n, np.inf)
-    limit = (radius * (1 + REL_TOL)) ** 2
-    active = np.nonzero(min_sq > limit)[0]  # only uncovered candidates can be picked
-    pts = candidates[active].astype(np.float64)  # the uncovered ones, compacted as they get covered
-    norms = np.einsum("ij,ij->i", pts, pts)
-    dist = min_sq[active]
-    picked = []
-    while active.size:
-        j = int(np.argmax(dist))
-        if dist[j] <= limit:
-            break
-        picked.append(int(active[j]))
-        c = pts[j].copy()
-        np.minimum(dist, np.maximum(norms - 2.0 * (pts @ c) + c @ c, 0.0), out=dist)
-        dist[j] = 0.0
-        keep = dist > limit
-        if 2 * np.count_nonzero(keep) < len(keep):  # compact once half are covered
-            active, pts, norms, dist = active[keep], pts[keep], norms[keep], dist[keep]
-    if picked:  # the largest remaining distance: to the bank before, or to a picked candidate
-        rest = faiss().knn(candidates, candidates[np.asarray(picked, dtype=np.int64)], 1)[0][:, 0]
-        min_sq = np.minimum(min_sq, np.maximum(rest.astype(np.float64), 0.0))
-    return np.asarray(picked, dtype=np.int64), float(np.sqrt(min_sq.max()))
 
 
 def _projector(manifest, dim: int):
@@ -161,78 +114,6 @@ def _open_base(index_dir: Path) -> tuple[PatchIndex, PatchStore]:
         index.close()
         raise
     return index, store
-
-
-def _shards_after_add(index: PatchIndex, bank: np.ndarray, start: int) -> list:
-    """Flat: shards rebuilt from the bank (contiguous row ranges). IVF: the new rows
-    ``start..`` added with their bank-row ids to a clone of the last trained shard."""
-    if index.index_type == "flat":
-        return build_flat_shards(bank, len(index.shards))
-    shards = list(index.shards)  # the others are shared, not changed
-    if len(bank) > start:
-        shards[-1] = faiss().clone_index(shards[-1])
-        shards[-1].add_with_ids(np.ascontiguousarray(bank[start:]), np.arange(start, len(bank), dtype=np.int64))
-    return shards
-
-
-def _shards_rebuilt(index: PatchIndex, bank: np.ndarray) -> list:
-    """Shards over a bank whose rows were renumbered: flat rebuilt; IVF: the trained quantizer
-    and codebooks kept (a reset clone), rows added with their ids per contiguous range."""
-    if index.index_type == "flat":
-        return build_flat_shards(bank, len(index.shards))
-    trained = faiss().clone_index(index.shards[0])
-    trained.reset()
-    out = []
-    for a, b in shard_bounds(len(bank), min(len(index.shards), len(bank))):
-        shard = faiss().clone_index(trained)
-        shard.add_with_ids(np.ascontiguousarray(bank[a:b]), np.arange(a, b, dtype=np.int64))
-        out.append(shard)
-    return out
-
-
-def _support_rows(bank: np.ndarray, rows: np.ndarray, b: int) -> np.ndarray:
-    """Exact N_b(m) of the given bank rows, computed as :func:`~patchsearch.bank.exact_support_sets`
-    computes them (faiss.knn; at least 20 queries per call, FAISS's BLAS path)."""
-    searcher = KnnSearcher(bank)
-    m = len(bank)
-    out = np.empty((len(rows), b), dtype=np.int64)
-    for s in range(0, len(rows), 4096):
-        part = rows[s:s + 4096]
-        q = part if len(part) >= 20 else np.concatenate([part, np.repeat(part[:1], 20 - len(part))])
-        _, nn = searcher.search(bank[q], min(b + 1, m))
-        out[s:s + len(part)] = support_from_neighbours(part, nn[:len(part)], b)
-    return out
-
-
-def _support_width(old: np.ndarray, rows: int) -> int:
-    """b of the support sets to keep: B where the old ones were B wide or clipped to a bank
-    smaller than B, else their own width."""
-    return B if old.shape[1] == min(B, rows) else int(old.shape[1])
-
-
-def _support_after_add(old: np.ndarray | None, bank: np.ndarray, start: int) -> tuple[np.ndarray | None, int]:
-    """Support sets of the bank after rows ``start..`` were appended, exact: the old rows whose
-    b-th support member is no nearer than their nearest new row (with float32 slack) and the
-    new rows are recomputed; the others cannot have changed. Returns (support sets or None,
-    old rows recomputed)."""
-    if old is None:
-        return None, 0
-    m = len(bank)
-    b = min(_support_width(old, start), m)
-    if old.shape[1] != b or start == 0:
-        return exact_support_sets(bank, KnnSearcher(bank), b), start
-    if m == start:
-        return np.asarray(old), 0
-    prev = bank[:start]
-    last = prev[np.asarray(old[:, -1])]
-    kth = np.einsum("ij,ij->i", prev - last, prev - last)
-    near = faiss().knn(prev, np.ascontiguousarray(bank[start:]), 1)[0][:, 0]
-    redo = np.nonzero(near <= kth * (1 + 4 * REL_TOL) + 1e-6)[0]
-    out = np.empty((m, b), dtype=np.int64)
-    out[:start] = old
-    rows = np.concatenate([redo, np.arange(start, m)]).astype(np.int64)
-    out[rows] = _support_rows(bank, rows, b)
-    return out, len(redo)
 
 
 def _reuse(index: PatchIndex, embedder) -> None:
@@ -376,8 +257,8 @@ def add_images(index_dir: "str | os.PathLike | PatchIndex", paths: Sequence[str 
             sources = {"store_row": np.concatenate([old_src["store_row"], rows[picked]]).astype(np.int64),
                        **{k: np.concatenate([old_src[k], src[k]]) for k in ("image_id", "tile", "row", "col")}}
             t0 = time.perf_counter()
-            support, redone = _support_after_add(index.support, bank, start)
-            shards = _shards_after_add(index, bank, start)
+            support, redone = support_after_add(index.support, bank, start)
+            shards = shards_after_add(index, bank, start)
             t_index = time.perf_counter() - t0
             frames = [relative_path(p, root) for p in new]
             record = _record("add", frames, index, store, len(bank), grown, radius, space, largest)
@@ -555,8 +436,8 @@ def remove_images(index_dir: "str | os.PathLike | PatchIndex", paths: Sequence[s
                           for k in ("tile", "row", "col")}}
             t0 = time.perf_counter()
             support = None if index.support is None else \
-                exact_support_sets(bank, KnnSearcher(bank), _support_width(index.support, index.size))
-            shards = _shards_rebuilt(index, bank)
+                exact_support_sets(bank, KnnSearcher(bank), support_width(index.support, index.size))
+            shards = shards_rebuilt(index, bank)
             t_index = time.perf_counter() - t0
             record = _record("remove", frames, index, store, len(bank), shrunk, radius, space, largest)
             record["bank_rows_removed"] = int(len(removed_rows))
