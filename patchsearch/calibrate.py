@@ -13,20 +13,24 @@ bank changed (add, remove, rebuild): :mod:`patchsearch.refit`.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .errors import InputError
+from .files import link_or_copy
 from .index import PatchIndex
-from .refit import images_root
 from .store import relative_path
 from .versions import new_version, tidy
 
 CALIBRATION_FRACTION = 0.1  # of train/good held aside when the category has no validation/good
 MIN_CALIBRATION = 5  # frames held aside at least (at most half of the training frames)
+
+
+def images_root(root: str | os.PathLike) -> str:
+    """The ``"images_root"`` entry of a calibration record: ``root`` as an absolute POSIX path."""
+    return Path(os.path.abspath(root)).as_posix()
 
 
 def split_calibration(image_paths: list[Path], calibration_images, fraction: float, seed: int):
@@ -143,10 +147,7 @@ def calibrate(index_dir: str | os.PathLike, good: Sequence[Path], *, defects: Se
                               defects, pick)
         with new_version(index_dir, expect_current=index.version) as tmp:
             for name in index.manifest.files:
-                try:
-                    os.link(index.directory / name, tmp / name)
-                except OSError:
-                    shutil.copyfile(index.directory / name, tmp / name)
+                link_or_copy(index.directory / name, tmp / name)
             index.manifest.calibration = cal
             write_manifest(tmp, index.manifest)
     finally:

@@ -228,7 +228,7 @@ def _load(index_dir: Path, category: str, nprobe: int | None = None, backbone: s
     index = PatchIndex.load(index_dir / category, nprobe=nprobe, backbone=backbone, embed_dim=embed_dim,
                             device=device)
     if weights is not None:  # an index built with --weights: its embedder needs the file
-        from .query import embedder_for
+        from .embedders import embedder_for
 
         embedder_for(index, str(weights))
     return index

@@ -23,12 +23,10 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .frameinfo import (ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, FrameInfo,  # noqa: F401 (API)
-                        decode_cost_bytes, open_frame, probe_frame)
+from .frameinfo import (ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401 (API)
+                        MIN_IMAGE_SIDE, FrameInfo, decode_cost_bytes, open_frame, probe_frame)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_DATA_ROOT = "./datasets/MVTecAD"
 MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS  # the former name
 

@@ -37,16 +37,16 @@ def evaluate(index: PatchIndex, data_root: str | os.PathLike, category: str, bat
     """
     from .data import load_image, test_samples
     from .metrics import aupro, auroc, f1_max, precision_recall_f1
-    from .pipeline import _progress
-    from .query import geometry_of, iter_query
+    from .progress import progress as progress_bar
+    from .query import iter_query
 
     samples = test_samples(data_root, category)
-    geometry = geometry_of(index)
+    geometry = index.manifest.frame_geometry()
     t0 = time.perf_counter()
     scores, maps = [], []
     nbatches = (len(samples) + batch_size - 1) // batch_size
-    for part in _progress(iter_query(index, [s.path for s in samples], batch_size=batch_size, regions=False),
-                          nbatches, "query", progress):
+    for part in progress_bar(iter_query(index, [s.path for s in samples], batch_size=batch_size, regions=False),
+                              nbatches, "query", progress):
         if part.errors:
             raise InputError(f"test image {next(iter(part.errors.values()))}")
         scores.append(part.image_scores)

@@ -43,12 +43,12 @@ import torch.nn.functional as F
 
 from .errors import InputError, WeightsUnavailableError
 from .files import sha256 as file_sha256
+from .frameinfo import IMAGENET_NORM
 
 DEFAULT_BACKBONE = "efficientnet_lite1"
 _RESNET_LAYERS = ("layer2", "layer3")
 _LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 # Input normalisations, (mean, std) per RGB channel of pixels scaled to 0..1.
-IMAGENET_NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 LITE_NORM = {"mean": [127 / 255] * 3, "std": [128 / 255] * 3}  # (pixel - 127) / 128 on 0..255
 
 
@@ -214,7 +214,7 @@ class PatchEmbedder(torch.nn.Module):
         input_norm: ``{"mean": [3], "std": [3]}`` the backbone is fed with (pixels in 0..1);
             default ImageNet's (:data:`IMAGENET_NORM`), for every backbone. :func:`native_norm`
             gives the weights' own (EfficientNet-Lite: ``(pixel - 127) / 128``; torchvision:
-            ImageNet). :func:`patchsearch.query.embedder_for` passes what the index's manifest
+            ImageNet). :func:`patchsearch.embedders.embedder_for` passes what the index's manifest
             records (ImageNet for indexes that record none).
 
     ``forward(images)`` takes float32 (B, 3, H, W) ImageNet-normalised images (as

@@ -58,6 +58,22 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Put the file ``src`` at the new path ``dst``: a hard link (no copy of the bytes; a
+    version's files are never changed in place, so versions may share them), or a copy
+    where the file system refuses links (another device, FAT, some network shares).
+
+    Raises:
+        OSError: ``src`` cannot be read or ``dst`` cannot be written.
+    """
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, dst)
+
+
 def file_entry(path: str | os.PathLike) -> dict:
     """``{"size": bytes, "sha256": hex}`` of a file (what a manifest records)."""
     return {"size": Path(path).stat().st_size, "sha256": sha256(path)}

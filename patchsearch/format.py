@@ -76,6 +76,31 @@ class Manifest:
     def index_type(self) -> str:
         return self.index.get("type", "flat")
 
+    @property
+    def input_norm(self) -> dict | None:
+        """{"mean", "std"} (RGB, of pixels scaled to 0..1) the backbone was fed: the recorded
+        ``backbone["input_norm"]``, or ImageNet's for an index built before it was recorded
+        (every backbone was fed ImageNet-normalised frames); None without a backbone."""
+        if not self.backbone:
+            return None
+        from .frameinfo import IMAGENET_NORM
+
+        return self.backbone.get("input_norm") or IMAGENET_NORM
+
+    def frame_geometry(self):
+        """The :class:`~patchsearch.geometry.Geometry` frames are turned into backbone input
+        with: the recorded ``geometry``, or the default crop geometry where none is recorded."""
+        from .geometry import Geometry, crop_geometry
+
+        return Geometry.from_dict(self.geometry) if self.geometry else crop_geometry()
+
+    def thresholds(self, threshold: float | None = None) -> tuple[float | None, float | None, int]:
+        """(image threshold, pixel threshold, minimum region area in frame pixels) of the
+        recorded ``calibration`` (None where uncalibrated); ``threshold`` overrides the image one."""
+        cal = self.calibration or {}
+        image = threshold if threshold is not None else (cal.get("image") or {}).get("threshold")
+        return image, (cal.get("pixel") or {}).get("threshold"), int(cal.get("min_region_area", 0))
+
     def to_dict(self) -> dict:
         body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **self.extra, **body}

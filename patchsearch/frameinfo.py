@@ -25,6 +25,10 @@ ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM"})
 # Default pixel budget (width x height): 8192 x 8192, above any 65-megapixel area camera.
 DEFAULT_MAX_PIXELS = 8192 * 8192
 MIN_IMAGE_SIDE = 16
+# ImageNet per-channel mean and std (RGB, on [0, 1] values): the backbones' input normalisation.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_NORM = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}  # as a manifest records it
 
 # Bytes one decoded pixel takes in Pillow's own storage (multi-band 8-bit modes take 4).
 _PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}

@@ -156,7 +156,7 @@ def _input_tensor(rgb: Image.Image, geometry):
     import torch
     from torchvision.transforms import v2
 
-    from .data import IMAGENET_MEAN, IMAGENET_STD
+    from .frameinfo import IMAGENET_MEAN, IMAGENET_STD
 
     t = v2.functional.pil_to_tensor(rgb)
     t = v2.functional.normalize(v2.functional.to_dtype(t, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)

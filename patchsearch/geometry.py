@@ -201,7 +201,7 @@ class Geometry:
         import torch
         from torchvision.transforms import v2
 
-        from .data import IMAGENET_MEAN, IMAGENET_STD
+        from .frameinfo import IMAGENET_MEAN, IMAGENET_STD
 
         if img.mode != "RGB":
             img = img.convert("RGB")

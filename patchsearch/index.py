@@ -56,6 +56,10 @@ class PatchIndex:
     """
 
     device = "cpu"  # set by __init__; an index searched elsewhere (Ray shard actors) embeds here on the CPU
+    # The patch embedder frames are embedded with for this index, once loaded
+    # (patchsearch.embedders.embedder_for) or handed over by whoever built it; None until then.
+    # Frames are embedded and searched by patchsearch.query, not here.
+    embedder = None
 
     def __init__(self, memory_bank: MemoryBank, shards: list, manifest: Manifest, gpu: bool | None = None,
                  exact: str = "auto", lease: Lease | None = None, device: str | None = None,
@@ -70,7 +74,9 @@ class PatchIndex:
         # against the shard files): searchers.reranked, asked by RemotePatchIndex too
         self.reranked = searchers.reranked(manifest.index.get("type"), shards[0],
                                            str(lease.path) if lease is not None else "the index")
-        self._sharded = searchers.ShardedSearcher(shards, gpu=plan.faiss_gpu, gpu_ids=plan.gpu_ids)
+        make = ivf.sharded_searcher if searchers.faiss().try_extract_index_ivf(shards[0]) is not None \
+            else searchers.ShardedSearcher
+        self._sharded = make(shards, gpu=plan.faiss_gpu, gpu_ids=plan.gpu_ids)
         self.searcher = self._sharded
         self._init_search_state()
         self.precision = "fp32"
@@ -454,37 +460,3 @@ class PatchIndex:
         for a frame :meth:`~patchsearch.geometry.Geometry.turned`); :func:`patchsearch.report.patch_box`
         gives its box on the original frame."""
         return self.memory_bank.describe(rows)
-
-    # updates (thin delegation to patchsearch.update) ----------------------------------
-    def add_images(self, images, **kwargs) -> "PatchIndex":
-        """Add good frames to this index's directory without a rebuild; returns the new version
-        (this one stays open and unchanged): see :func:`patchsearch.update.add_images`."""
-        from .update import add_images
-
-        if self.path is None:
-            raise InputError("add_images needs an index loaded from or saved to an index directory")
-        kwargs.setdefault("device", self.device)
-        return add_images(self.path, images, embedder=getattr(self, "_embedder", None), **kwargs)
-
-    def remove_images(self, images, **kwargs) -> "PatchIndex":
-        """Take frames back out of this index's directory; returns the new version: see
-        :func:`patchsearch.update.remove_images`."""
-        from .update import remove_images
-
-        if self.path is None:
-            raise InputError("remove_images needs an index loaded from or saved to an index directory")
-        kwargs.setdefault("device", self.device)
-        return remove_images(self.path, images, **kwargs)
-
-    # images (thin delegation to patchsearch.query) ------------------------------------
-    def query(self, images, **kwargs) -> SearchResult:
-        """Embed and search images: see :func:`patchsearch.query.query`."""
-        from .query import query
-
-        return query(self, images, **kwargs)
-
-    def iter_query(self, images, **kwargs):
-        """One :class:`SearchResult` per batch of images: see :func:`patchsearch.query.iter_query`."""
-        from .query import iter_query
-
-        return iter_query(self, images, **kwargs)

@@ -149,6 +149,23 @@ def gpu_layout_ok(shard) -> bool:
     return pq.M in GPU_PQ_M and pq.dsub in GPU_PQ_DSUB and pq.nbits == 8
 
 
+def gpu_options(shard) -> dict | None:
+    """``GpuClonerOptions`` fields ({name: value}) an IVF shard is copied to a GPU with,
+    or None where FAISS GPU cannot hold its layout (:func:`gpu_layout_ok`): IVF-PQ
+    codes above 48 bytes use float16 lookup tables (``useFloat16``; FAISS GPU holds
+    float32 tables for at most 48 sub-quantizers in shared memory)."""
+    if not gpu_layout_ok(shard):
+        return None
+    return {"useFloat16": True} if shard.pq.M > 48 else {}
+
+
+def sharded_searcher(shards: list, gpu: bool | None = None, gpu_ids: list[int] | None = None) -> ShardedSearcher:
+    """A :class:`~patchsearch.searchers.ShardedSearcher` over IVF ``shards``, placed on
+    GPUs (``gpu``, ``gpu_ids`` as there) with their layout's :func:`gpu_options`;
+    layouts FAISS GPU cannot hold stay on the CPU."""
+    return ShardedSearcher(shards, gpu=gpu, gpu_ids=gpu_ids, gpu_options=gpu_options(shards[0]))
+
+
 def build_shards(bank: np.ndarray, shards: int, params: dict, seed: int = 0) -> list:
     """Train one IVF index of ``params["layout"]`` (:func:`factory_string`; ``pq``:
     ``faiss.IndexIVFPQ``, as before fast scan) on a seeded sample of the bank (at most

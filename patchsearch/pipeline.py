@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,21 +27,15 @@ from .calibrate import CALIBRATION_FRACTION, fit_calibration, split_calibration
 from .coreset import PROJECTION_DIM, check_ratio, kcenter_greedy, radius_space
 from .data import BIT_DEPTHS
 from .errors import InputError, VersionConflict
+from .files import link_or_copy
 from .format import read_manifest
 from .index import PatchIndex
+from .ingest import embed_frames
 from .searchers import IVF_TYPES, check_index_type
-from .store import ImageRecord, PatchStore, PatchStoreWriter, StoreArray
+from .store import PatchStore, PatchStoreWriter, StoreArray
 from .versions import current_version, new_version, open_version, tidy
 
 Log = Callable[[str], None]
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
 
 
 def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: str | None = None,
@@ -161,7 +154,7 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
                 "grid": grid, "extra": {"decode": {"bit_depth": bit_depth}}}
         built = index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params,
                                  progress, log, device)
-        built._embedder = embedder
+        built.embedder = embedder
         if held:
             t0 = time.perf_counter()
             source = "calibration images" if calibration_images else \
@@ -178,43 +171,6 @@ def build(image_paths: Sequence[Path], out_dir: str | os.PathLike, *, category: 
     built.path = Path(out_dir)
     log(f"index written to {out_dir}")
     return built
-
-
-def embed_frames(writer: PatchStoreWriter, paths: Sequence[Path], embedder, geometry, root: Path,
-                 batch_size: int = 16, workers: int = 0, bit_depth: int | None = None, progress: bool = False,
-                 what: str = "training image") -> list[int]:
-    """Decode, embed and write frames into a patch-store partition (build, and ``patchsearch add``).
-
-    Args:
-        writer: the open :class:`~patchsearch.store.PatchStoreWriter` of the partition.
-        paths: the frames, written in this order (image ids from ``writer.next_image_id`` on).
-        embedder: the :class:`~patchsearch.features.PatchEmbedder`.
-        geometry: the :class:`~patchsearch.geometry.Geometry` (frames of another size are resized).
-        root: frame paths are recorded relative to it.
-        bit_depth: camera bit depth (:func:`~patchsearch.data.load_image`).
-        what: how an unreadable frame is named in the error.
-
-    Returns:
-        the patch grid [h, w] of one tile.
-
-    Raises:
-        InputError: an unreadable frame (the message names it).
-    """
-    from .data import iter_batches
-
-    tiles = len(geometry.tile_boxes())
-    grid = None
-    nbatches = (len(paths) + batch_size - 1) // batch_size
-    for batch in _progress(iter_batches(paths, geometry, batch_size, workers, bit_depth), nbatches,
-                           "embed", progress):
-        if batch.errors:
-            raise InputError(f"{what} {next(iter(batch.errors.values()))}")
-        emb = embedder(batch.tensor.to(next(embedder.parameters()).device)).cpu().numpy()
-        grid = [int(emb.shape[1]), int(emb.shape[2])]
-        emb = emb.reshape(len(batch.good), tiles, *emb.shape[1:]) if tiles > 1 else emb
-        writer.write([ImageRecord.from_file(paths[i], root) for i in batch.good], emb,
-                     tiles=tiles if tiles > 1 else None)
-    return grid
 
 
 def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None, seed: int | None = None,
@@ -271,10 +227,7 @@ def rebuild(index_dir: str | os.PathLike, *, coreset_ratio: float | None = None,
         timings = {}
         with _install_over(index_dir, lease.version, "rebuild") as tmp:
             for name in store_files:
-                try:
-                    os.link(lease.path / name, tmp / name)
-                except OSError:
-                    shutil.copyfile(lease.path / name, tmp / name)
+                link_or_copy(lease.path / name, tmp / name)
             built = index_from_store(tmp, meta, timings, coreset_ratio, seed, shards, index, index_params,
                                      progress, log, device)
             if old.calibration:

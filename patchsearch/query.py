@@ -8,101 +8,33 @@ rows hold NaN scores, -1 locations and an entry in ``errors``.
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from .device import is_tensor, move_module
+from .device import is_tensor
 from .device_search import embed
-from .errors import IndexFormatError, InputError
+from .embedders import embedder_for, embedder_key, input_norm_of  # noqa: F401 (API)
+from .errors import InputError
 from .index import K, PatchIndex
 from .bank import B
 from .result import SearchResult
 from .score import SIGMA, anomaly_maps
 
 
-def embedder_key(index: PatchIndex) -> tuple | None:
-    """What identifies the embedder ``index`` needs: (backbone name, layers, weights source,
-    weights SHA-256, reduced dimension or None, input normalisation); None for an index
-    without a backbone. Indexes with equal keys can share one embedder (and one backbone batch)."""
-    bb = index.manifest.backbone
-    if not bb:
-        return None
-    weights = bb.get("weights") or {}
-    norm = input_norm_of(bb)
-    return (bb["name"], tuple(bb["layers"]), weights.get("source"), weights.get("sha256"),
-            bb["embed_dim"] if bb.get("reduced") else None, tuple(norm["mean"]), tuple(norm["std"]))
-
-
-def input_norm_of(backbone: dict) -> dict:
-    """The input normalisation a manifest's ``backbone`` record was built with: its
-    ``input_norm``, or ImageNet's for indexes built before it was recorded (which fed
-    every backbone ImageNet-normalised frames)."""
-    from .features import IMAGENET_NORM
-
-    return backbone.get("input_norm") or IMAGENET_NORM
-
-
-def embedder_for(index: PatchIndex, weights: str | None = None, cache: dict | None = None):
-    """The :class:`~patchsearch.features.PatchEmbedder` ``index`` was built with (cached on it).
-
-    One made here is put on the index's device (:attr:`PatchIndex.device`); one from
-    ``cache`` or set on the index stays where it is (its owner placed it).
-
-    Args:
-        weights: the state-dict file, for an index built with ``--weights`` (the
-            manifest records its name and SHA-256, not a path on the build machine).
-        cache: optional {:func:`embedder_key`: embedder} shared by several indexes (a
-            service holding many categories loads each backbone once); filled here.
-
-    Raises:
-        IndexFormatError: the index records no backbone, its weights file is needed and
-            not given, or the weights differ from those it was built with.
-    """
-    cached = getattr(index, "_embedder", None)
-    if cached is not None:
-        return cached
-    from .features import PatchEmbedder
-
-    bb = index.manifest.backbone
-    if not bb:
-        raise IndexFormatError("this index was built from raw embeddings and records no backbone: "
-                               "use search() with patch embeddings")
-    recorded = bb.get("weights") or {}
-    if str(recorded.get("source", "")).startswith("file:") and weights is None:
-        raise IndexFormatError(f"the index was built with the weights file {recorded['source'][5:]} "
-                               f"(SHA-256 {recorded.get('sha256')}): pass --weights PATH to that file")
-    key = embedder_key(index)
-    emb = cache.get(key) if cache is not None else None
-    if emb is None:
-        emb = move_module(PatchEmbedder(bb["name"], bb["layers"], weights,
-                                        bb["embed_dim"] if bb.get("reduced") else None, input_norm_of(bb)),
-                          getattr(index, "device", None))
-    if emb.dim != index.dim:
-        raise IndexFormatError(f"backbone {bb['name']} gives {emb.dim}-d embeddings, index holds {index.dim}-d")
-    if recorded.get("sha256") and emb.weights_id.get("sha256") and recorded["sha256"] != emb.weights_id["sha256"]:
-        raise IndexFormatError(f"the weights of {bb['name']} ({emb.weights_id['source']}) differ from "
-                               f"those the index was built with ({recorded.get('source')})")
-    index._embedder = emb
-    if cache is not None:
-        cache[key] = emb
-    return emb
-
-
 def geometry_of(index: PatchIndex):
-    """The :class:`~patchsearch.geometry.Geometry` the index was built with."""
-    from .geometry import Geometry, crop_geometry
-
-    return Geometry.from_dict(index.manifest.geometry) if index.manifest.geometry else crop_geometry()
+    """The :class:`~patchsearch.geometry.Geometry` the index was built with
+    (:meth:`~patchsearch.format.Manifest.frame_geometry`)."""
+    return index.manifest.frame_geometry()
 
 
 def thresholds_of(index: PatchIndex, threshold: float | None = None) -> tuple[float | None, float | None, int]:
-    """(image threshold, pixel threshold, minimum region area in frame pixels) from the
-    index's calibration (None where uncalibrated); ``threshold`` overrides the image one."""
-    cal = index.manifest.calibration or {}
-    image = threshold if threshold is not None else (cal.get("image") or {}).get("threshold")
-    return image, (cal.get("pixel") or {}).get("threshold"), int(cal.get("min_region_area", 0))
+    """(image threshold, pixel threshold, minimum region area in frame pixels) of the index
+    (:meth:`~patchsearch.format.Manifest.thresholds`); ``threshold`` overrides the image one."""
+    return index.manifest.thresholds(threshold)
 
 
 def iter_query(index: PatchIndex, images, k: int = K, b: int = B, batch_size: int = 16, maps: bool = True,
@@ -314,3 +246,15 @@ def _expand(part: SearchResult | None, good: list[int], n: int, errors: dict, pa
             if regions is not None:
                 regions[i] = part.regions[j]
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """``patchsearch.query`` names both this module and the function :func:`query`
+    (``patchsearch.query(index, frames)``); importing the submodule sets the package's
+    attribute to the module, so the module calls :func:`query`."""
+
+    def __call__(self, index, images, **kwargs) -> SearchResult:
+        return query(index, images, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

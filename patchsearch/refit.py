@@ -23,14 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
+from .calibrate import images_root  # noqa: F401 (part of this module's record format)
 from .errors import InputError
 
 F1_RULE = "F1-optimal"
-
-
-def images_root(root: str | os.PathLike) -> str:
-    """The ``"images_root"`` entry of a calibration record: ``root`` as an absolute POSIX path."""
-    return Path(os.path.abspath(root)).as_posix()
 
 
 def calibration_frames(cal: dict, data_root: str | os.PathLike | None) -> tuple[list[Path], list[str]]:
@@ -162,7 +158,7 @@ def refit(built, old_cal: dict | None, data_root: Path | None, batch_size: int, 
         (the new calibration record, or the old one where it cannot be re-fitted: an F1-optimal
         pick, frames not found; a sentence for the history and the log).
     """
-    from .query import embedder_for
+    from .embedders import embedder_for
 
     if not old_cal:
         return None, "not calibrated"
@@ -206,7 +202,7 @@ def refit_rebuilt(built, old_cal: dict, data_root: Path | None, batch_size: int 
             threshold was picked F1-optimal on defect frames that are not recorded, or
             recorded frames are not found, or one cannot be read.
     """
-    from .query import embedder_for
+    from .embedders import embedder_for
 
     problem = refit_problem(old_cal, data_root)
     if problem:

@@ -85,12 +85,11 @@ def heatmap(index: PatchIndex, part: SearchResult, i: int, frame) -> np.ndarray:
     Raises:
         InputError: the map holds NaN (an unreadable frame has no heatmap).
     """
-    from .query import geometry_of
     from .render import overlay
 
     frame = np.asarray(frame)
     amap = part.anomaly_maps[i]
-    geometry = geometry_of(index)
+    geometry = index.manifest.frame_geometry()
     h, w = frame.shape[:2]
     left, top, right, bottom = (int(round(v)) for v in geometry.crop_box(w, h))
     if amap.shape != (bottom - top, right - left):  # crop mode: the map covers the crop box only

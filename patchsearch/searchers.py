@@ -119,28 +119,31 @@ class ShardedSearcher:
 
     Args:
         shards: CPU faiss indexes, shard i holding ``shard_bounds(M, len(shards))[i]``.
-        gpu: place shards on GPUs; None = when :func:`num_gpus` > 0. IVF-PQ layouts
-            that FAISS GPU cannot hold stay on the CPU.
+        gpu: place shards on GPUs; None = when :func:`num_gpus` > 0.
         gpu_ids: the GPUs the shards go to (round robin); None = every GPU faiss sees.
+        gpu_options: ``GpuClonerOptions`` fields ({name: value}) the shards are copied to
+            the GPUs with, from whoever built them (:func:`patchsearch.ivf.sharded_searcher`
+            for IVF shards); shards that carry their own ids (not consecutive rows) go to
+            GPUs only with options given here, else they stay on the CPU.
     """
 
-    def __init__(self, shards: list, gpu: bool | None = None, gpu_ids: list[int] | None = None):
+    def __init__(self, shards: list, gpu: bool | None = None, gpu_ids: list[int] | None = None,
+                 gpu_options: dict | None = None):
         f = faiss()
         self.cpu_shards = shards
         self.is_ivf = f.try_extract_index_ivf(shards[0]) is not None
         ngpu = num_gpus()
         self.on_gpu = bool(ngpu) if gpu is None else bool(gpu and ngpu)
-        if self.is_ivf and self.on_gpu:
-            from .ivf import gpu_layout_ok
-
-            self.on_gpu = gpu_layout_ok(shards[0])
+        if self.is_ivf and gpu_options is None:
+            self.on_gpu = False
         self._resources = []
         placed = shards
         if self.on_gpu:
-            plan = gpu_plan(len(shards), len(gpu_ids) if gpu_ids else ngpu,
-                            pq_m=shards[0].pq.M if self.is_ivf else None)
-            for p in plan if gpu_ids else []:
-                p["device"] = gpu_ids[p["device"]]
+            plan = gpu_plan(len(shards), len(gpu_ids) if gpu_ids else ngpu)
+            for p in plan:
+                p["options"].update(gpu_options or {})
+                if gpu_ids:
+                    p["device"] = gpu_ids[p["device"]]
             placed, self._resources = place_on_gpus(shards, plan, f)
         self.placed = placed
         # FAISS GPU indexes (their resources) take one calling thread at a time.

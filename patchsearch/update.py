@@ -45,74 +45,26 @@ import copy
 import datetime
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .bank import B, MemoryBank, exact_support_sets, support_from_neighbours
+from .bank import MemoryBank, exact_support_sets
 from .coreset import PROJECTION_DIM, radius_space, random_projection
+from .coreset_update import REL_TOL, cover
 from .errors import IndexFormatError, InputError
-from .files import sha256
+from .files import link_or_copy, sha256
 from .index import PatchIndex
 from .refit import refit
-from .searchers import KnnSearcher, build_flat_shards, faiss, shard_bounds
+from .searchers import KnnSearcher, faiss
+from .shard_update import shards_after_add, shards_rebuilt
 from .store import ImageRecord, PatchStore, PatchStoreWriter, partition_files, relative_path
+from .support_update import support_after_add, support_width
 from .versions import new_version, tidy
 
 Log = Callable[[str], None]
-REL_TOL = 1e-4  # relative slack on the covering radius for float32 rounding of distances
-
-
-# ---------------------------------------------------------------------------------------------
-# continuing greedy k-center
-
-def cover(bank: np.ndarray, candidates: np.ndarray, radius: float) -> tuple[np.ndarray, float]:
-    """Continue greedy k-center until every candidate is within ``radius`` of the bank.
-
-    Args:
-        bank: float32 (M, p) points already selected (M may be 0), in the coreset's space.
-        candidates: float32 (n, p) points that must end up covered.
-        radius: covering radius r (L2, not squared).
-
-    Returns:
-        (int64 indices into ``candidates`` that join the bank, in selection order: each was
-        the farthest candidate from the bank and the candidates picked before it, at
-        distance > r * (1 + REL_TOL); the largest distance of a candidate to the extended
-        bank afterwards, L2).
-    """
-    candidates = np.ascontiguousarray(candidates, dtype=np.float32)
-    n = len(candidates)
-    if n == 0:
-        return np.empty(0, np.int64), 0.0
-    if len(bank):
-        min_sq = faiss().knn(candidates, np.ascontiguousarray(bank, dtype=np.float32), 1)[0][:, 0]
-        min_sq = np.maximum(min_sq.astype(np.float64), 0.0)
-    else:
-        min_sq = np.full(n, np.inf)
-    limit = (radius * (1 + REL_TOL)) ** 2
-    active = np.nonzero(min_sq > limit)[0]  # only uncovered candidates can be picked
-    pts = candidates[active].astype(np.float64)  # the uncovered ones, compacted as they get covered
-    norms = np.einsum("ij,ij->i", pts, pts)
-    dist = min_sq[active]
-    picked = []
-    while active.size:
-        j = int(np.argmax(dist))
-        if dist[j] <= limit:
-            break
-        picked.append(int(active[j]))
-        c = pts[j].copy()
-        np.minimum(dist, np.maximum(norms - 2.0 * (pts @ c) + c @ c, 0.0), out=dist)
-        dist[j] = 0.0
-        keep = dist > limit
-        if 2 * np.count_nonzero(keep) < len(keep):  # compact once half are covered
-            active, pts, norms, dist = active[keep], pts[keep], norms[keep], dist[keep]
-    if picked:  # the largest remaining distance: to the bank before, or to a picked candidate
-        rest = faiss().knn(candidates, candidates[np.asarray(picked, dtype=np.int64)], 1)[0][:, 0]
-        min_sq = np.minimum(min_sq, np.maximum(rest.astype(np.float64), 0.0))
-    return np.asarray(picked, dtype=np.int64), float(np.sqrt(min_sq.max()))
 
 
 def _projector(manifest, dim: int):
@@ -164,89 +116,10 @@ def _open_base(index_dir: Path) -> tuple[PatchIndex, PatchStore]:
     return index, store
 
 
-def _shards_after_add(index: PatchIndex, bank: np.ndarray, start: int) -> list:
-    """Flat: shards rebuilt from the bank (contiguous row ranges). IVF: the new rows
-    ``start..`` added with their bank-row ids to a clone of the last trained shard."""
-    if index.index_type == "flat":
-        return build_flat_shards(bank, len(index.shards))
-    shards = list(index.shards)  # the others are shared, not changed
-    if len(bank) > start:
-        shards[-1] = faiss().clone_index(shards[-1])
-        shards[-1].add_with_ids(np.ascontiguousarray(bank[start:]), np.arange(start, len(bank), dtype=np.int64))
-    return shards
-
-
-def _shards_rebuilt(index: PatchIndex, bank: np.ndarray) -> list:
-    """Shards over a bank whose rows were renumbered: flat rebuilt; IVF: the trained quantizer
-    and codebooks kept (a reset clone), rows added with their ids per contiguous range."""
-    if index.index_type == "flat":
-        return build_flat_shards(bank, len(index.shards))
-    trained = faiss().clone_index(index.shards[0])
-    trained.reset()
-    out = []
-    for a, b in shard_bounds(len(bank), min(len(index.shards), len(bank))):
-        shard = faiss().clone_index(trained)
-        shard.add_with_ids(np.ascontiguousarray(bank[a:b]), np.arange(a, b, dtype=np.int64))
-        out.append(shard)
-    return out
-
-
-def _support_rows(bank: np.ndarray, rows: np.ndarray, b: int) -> np.ndarray:
-    """Exact N_b(m) of the given bank rows, computed as :func:`~patchsearch.bank.exact_support_sets`
-    computes them (faiss.knn; at least 20 queries per call, FAISS's BLAS path)."""
-    searcher = KnnSearcher(bank)
-    m = len(bank)
-    out = np.empty((len(rows), b), dtype=np.int64)
-    for s in range(0, len(rows), 4096):
-        part = rows[s:s + 4096]
-        q = part if len(part) >= 20 else np.concatenate([part, np.repeat(part[:1], 20 - len(part))])
-        _, nn = searcher.search(bank[q], min(b + 1, m))
-        out[s:s + len(part)] = support_from_neighbours(part, nn[:len(part)], b)
-    return out
-
-
-def _support_width(old: np.ndarray, rows: int) -> int:
-    """b of the support sets to keep: B where the old ones were B wide or clipped to a bank
-    smaller than B, else their own width."""
-    return B if old.shape[1] == min(B, rows) else int(old.shape[1])
-
-
-def _support_after_add(old: np.ndarray | None, bank: np.ndarray, start: int) -> tuple[np.ndarray | None, int]:
-    """Support sets of the bank after rows ``start..`` were appended, exact: the old rows whose
-    b-th support member is no nearer than their nearest new row (with float32 slack) and the
-    new rows are recomputed; the others cannot have changed. Returns (support sets or None,
-    old rows recomputed)."""
-    if old is None:
-        return None, 0
-    m = len(bank)
-    b = min(_support_width(old, start), m)
-    if old.shape[1] != b or start == 0:
-        return exact_support_sets(bank, KnnSearcher(bank), b), start
-    if m == start:
-        return np.asarray(old), 0
-    prev = bank[:start]
-    last = prev[np.asarray(old[:, -1])]
-    kth = np.einsum("ij,ij->i", prev - last, prev - last)
-    near = faiss().knn(prev, np.ascontiguousarray(bank[start:]), 1)[0][:, 0]
-    redo = np.nonzero(near <= kth * (1 + 4 * REL_TOL) + 1e-6)[0]
-    out = np.empty((m, b), dtype=np.int64)
-    out[:start] = old
-    rows = np.concatenate([redo, np.arange(start, m)]).astype(np.int64)
-    out[rows] = _support_rows(bank, rows, b)
-    return out, len(redo)
-
-
 def _reuse(index: PatchIndex, embedder) -> None:
     """Let ``index`` use a caller's embedder if it is the one its manifest records."""
     if embedder is not None and json.loads(json.dumps(embedder.describe())) == index.manifest.backbone:
-        index._embedder = embedder
-
-
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+        index.embedder = embedder
 
 
 def _finish(index: PatchIndex, bank: np.ndarray, sources: dict, support, shards: list, store: PatchStore,
@@ -262,7 +135,7 @@ def _finish(index: PatchIndex, bank: np.ndarray, sources: dict, support, shards:
     if embedder is not None:
         from .device import move_module
 
-        built._embedder = move_module(embedder, device)
+        built.embedder = move_module(embedder, device)
     cal, note = refit(built, index.manifest.calibration, data_root, batch_size, f"patchsearch {record['action']}",
                       weights, grown=record["action"] == "add")
     built.manifest.calibration = cal
@@ -285,14 +158,26 @@ def _record(action: str, frames: list[str], index: PatchIndex, store_before: Pat
 # ---------------------------------------------------------------------------------------------
 # add
 
-def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
+def _target(index, embedder, device, name: str):
+    """(index directory, embedder, device) of an update of ``index``: a directory, or a
+    loaded :class:`PatchIndex` (its directory, embedder and device are the defaults)."""
+    if isinstance(index, PatchIndex):
+        if index.path is None:
+            raise InputError(f"{name} needs an index loaded from or saved to an index directory")
+        return index.path, embedder if embedder is not None else index.embedder, \
+            device if device is not None else index.device
+    return index, embedder, device
+
+
+def add_images(index_dir: "str | os.PathLike | PatchIndex", paths: Sequence[str | os.PathLike], *,
                data_root: str | os.PathLike | None = None, weights: str | None = None, batch_size: int = 16,
                workers: int = 0, progress: bool = False, log: Log = lambda msg: None,
                embedder=None, device: str | None = None) -> PatchIndex:
     """Add good frames to the current version of an index: a new version (see the module docstring).
 
     Args:
-        index_dir: the index directory (``<index-dir>/<category>``).
+        index_dir: the index directory (``<index-dir>/<category>``), or a loaded
+            :class:`PatchIndex` (its directory; its embedder and device are the defaults).
         paths: the frames (any size: resized by the recorded geometry like queries).
         data_root: the frames' paths are recorded relative to it (default: their common
             folder); the recorded held-aside calibration frames are looked up under it.
@@ -313,11 +198,12 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
         InputError: no frame, an unreadable frame (named; nothing is installed).
         IndexFormatError: no index, one without a patch store or backbone, other weights.
     """
-    from .pipeline import embed_frames
-    from .query import embedder_for, geometry_of
+    from .ingest import embed_frames
+    from .embedders import embedder_for
 
     from .device import move_module, resolve_device
 
+    index_dir, embedder, device = _target(index_dir, embedder, device, "add_images")
     index_dir, paths = Path(index_dir), [Path(p) for p in paths]
     if not paths:
         raise InputError("no frame to add")
@@ -344,7 +230,7 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
             return index
         _reuse(index, embedder)
         embedder = move_module(embedder_for(index, weights), device)
-        geometry = geometry_of(index)
+        geometry = index.manifest.frame_geometry()
         bit_depth = (index.manifest.extra.get("decode") or {}).get("bit_depth")
         project, space = _projector(index.manifest, index.dim)
         radius, computed = _covering_radius(index, store, project, space, log)
@@ -352,7 +238,7 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
         part = max(partitions) + 1
         with new_version(index_dir, expect_current=index.version) as tmp:
             for name in store.files:
-                _link(index.directory / name, tmp / name)
+                link_or_copy(index.directory / name, tmp / name)
             t0 = time.perf_counter()
             with PatchStoreWriter(tmp, store.dim, partition=part, first_image_id=store.num_images) as writer:
                 embed_frames(writer, new, embedder, geometry, root, batch_size, workers, bit_depth, progress,
@@ -371,8 +257,8 @@ def add_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
             sources = {"store_row": np.concatenate([old_src["store_row"], rows[picked]]).astype(np.int64),
                        **{k: np.concatenate([old_src[k], src[k]]) for k in ("image_id", "tile", "row", "col")}}
             t0 = time.perf_counter()
-            support, redone = _support_after_add(index.support, bank, start)
-            shards = _shards_after_add(index, bank, start)
+            support, redone = support_after_add(index.support, bank, start)
+            shards = shards_after_add(index, bank, start)
             t_index = time.perf_counter() - t0
             frames = [relative_path(p, root) for p in new]
             record = _record("add", frames, index, store, len(bank), grown, radius, space, largest)
@@ -457,7 +343,7 @@ def _rewrite(src: PatchStore, directory: Path, partition: int, first_id: int, dr
     return len(keep)
 
 
-def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
+def remove_images(index_dir: "str | os.PathLike | PatchIndex", paths: Sequence[str | os.PathLike], *,
                   data_root: str | os.PathLike | None = None, weights: str | None = None, batch_size: int = 16,
                   log: Log = lambda msg: None, embedder=None, device: str | None = None) -> PatchIndex:
     """Take frames back out of the current version of an index: a new version (module docstring).
@@ -465,7 +351,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     Args:
         paths: the frames, by their path as recorded in the store (relative to ``data_root``)
             or by their file (matched by SHA-256).
-        data_root, weights, batch_size, embedder, device: as :func:`add_images` (paths; the
+        index_dir, data_root, weights, batch_size, embedder, device: as :func:`add_images` (paths; the
             held-aside calibration frames are re-scored with the backbone on ``device``).
 
     Returns:
@@ -477,6 +363,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     """
     from .device import resolve_device
 
+    index_dir, embedder, device = _target(index_dir, embedder, device, "remove_images")
     index_dir, paths = Path(index_dir), [Path(p) for p in paths]
     if not paths:
         raise InputError("no frame to remove")
@@ -509,7 +396,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
                 touched = touched or bool(ids & drop)
                 if not touched:
                     for name in partition_files(p):
-                        _link(index.directory / name, tmp / name)
+                        link_or_copy(index.directory / name, tmp / name)
                     n = one.num_images
                 else:
                     n = _rewrite(one, tmp, p, first_id, drop)
@@ -549,8 +436,8 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
                           for k in ("tile", "row", "col")}}
             t0 = time.perf_counter()
             support = None if index.support is None else \
-                exact_support_sets(bank, KnnSearcher(bank), _support_width(index.support, index.size))
-            shards = _shards_rebuilt(index, bank)
+                exact_support_sets(bank, KnnSearcher(bank), support_width(index.support, index.size))
+            shards = shards_rebuilt(index, bank)
             t_index = time.perf_counter() - t0
             record = _record("remove", frames, index, store, len(bank), shrunk, radius, space, largest)
             record["bank_rows_removed"] = int(len(removed_rows))
@@ -562,7 +449,7 @@ def remove_images(index_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
                 f"covering radius {radius:.4f}, {space}, L2) in {t_cover:.2f} s")
             t0 = time.perf_counter()
             built = _finish(index, bank, sources, support, shards, shrunk, new_parts, record, radius, space,
-                            root, batch_size, log, getattr(index, "_embedder", None), weights, device)
+                            root, batch_size, log, index.embedder, weights, device)
             record["seconds"] = {"cover": round(t_cover, 3), "index": round(t_index, 3),
                                  "calibrate": round(time.perf_counter() - t0, 3),
                                  "total": round(time.perf_counter() - t_start, 3)}

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import patchsearch
 from patchsearch import PatchIndex
 from patchsearch.cli import main
 from patchsearch.store import PatchStore
@@ -148,7 +149,7 @@ def test_bottle_end_to_end(tmp_path, bottle_root):
     assert Image.open(lines[1]["anomaly_map"]).size == (900, 900)
     # library: the loaded index answers like the CLI
     index = PatchIndex.load(idx / "bottle")
-    lib = index.query([test / "broken_large/000.png"])
+    lib = patchsearch.query(index, [test / "broken_large/000.png"])
     assert lib.image_scores[0] == pytest.approx(lines[1]["image_score"], rel=1e-5)
     assert lib.anomaly_maps[0].shape == (900, 900) and lib.decisions.tolist() == ["NG"]
 
@@ -207,7 +208,7 @@ def test_build_input_norm_is_recorded_and_used_by_query(tmp_path, mvtec_root, ch
     scores = {}
     for name, emb in embedders.items():
         index = PatchIndex.load(idx / "widget")
-        index._embedder = emb  # what query would score with this embedder
+        index.embedder = emb  # what query would score with this embedder
         scores[name] = query(index, frame, maps=False).image_scores[0]
     assert got["image_score"] == pytest.approx(scores["used"], rel=1e-5)
     assert got["image_score"] != pytest.approx(scores["other"], rel=1e-2)

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import patchsearch
 from patchsearch import PatchIndex
 from patchsearch.cli import main
 
@@ -231,8 +232,8 @@ def test_deterministic_builds(built, tmp_path):
     assert r.exit_code == 0, r.output
     for name in ("memory_bank.arrow", "shard_000.faiss", "patches-00000.arrow", "images-00000.arrow"):
         assert (_files(other / "widget") / name).read_bytes() == (_files(idx / "widget") / name).read_bytes(), name
-    a = PatchIndex.load(idx / "widget").query([root / "widget/test/blob/000.png"])
-    b = PatchIndex.load(other / "widget").query([root / "widget/test/blob/000.png"])
+    a = patchsearch.query(PatchIndex.load(idx / "widget"), [root / "widget/test/blob/000.png"])
+    b = patchsearch.query(PatchIndex.load(other / "widget"), [root / "widget/test/blob/000.png"])
     np.testing.assert_array_equal(a.image_scores, b.image_scores)
     np.testing.assert_array_equal(a.anomaly_maps, b.anomaly_maps)
 
@@ -315,7 +316,7 @@ def test_query_streams_in_bounded_batches(built, monkeypatch):
     decoded = []
     real = patchsearch.frames.prepare_frame
     monkeypatch.setattr(patchsearch.frames, "prepare_frame", lambda p, *a, **k: decoded.append(p) or real(p, *a, **k))
-    stream = index.iter_query([root / "widget/test/blob/000.png"] * 600, batch_size=20)
+    stream = patchsearch.iter_query(index, [root / "widget/test/blob/000.png"] * 600, batch_size=20)
     first = next(stream)
     assert len(first.image_scores) == 20 and len(decoded) == 20  # nothing decoded beyond the first batch
     ref = weakref.ref(first.distances)

@@ -154,10 +154,10 @@ def test_index_embedder_follows_the_recorded_input_normalisation():
     from types import SimpleNamespace
 
     from patchsearch.features import IMAGENET_NORM, LITE_NORM
-    from patchsearch.query import embedder_for, embedder_key
+    from patchsearch.embedders import embedder_for, embedder_key
 
     def index(backbone):
-        return SimpleNamespace(manifest=SimpleNamespace(backbone=backbone), dim=152)
+        return SimpleNamespace(manifest=SimpleNamespace(backbone=backbone), dim=152, embedder=None)
 
     default = PatchEmbedder().describe()
     native = PatchEmbedder(input_norm=LITE_NORM).describe()

@@ -137,7 +137,7 @@ def _gpu_ivf(fake_gpus, rerank=8, nlist=8):
     fake = fake_gpus(1)
     bank = _bank(3000)
     params = ivf.auto_params(len(bank), 16, nlist=nlist, layout="pq", pq_m=4, nprobe=2, rerank=rerank)
-    sharded = searchers.ShardedSearcher(ivf.build_shards(bank, 2, params))
+    sharded = ivf.sharded_searcher(ivf.build_shards(bank, 2, params))
     assert sharded.on_gpu and len(fake.resources) == 2
     return ivf.IVFPQSearcher(sharded, bank, params), bank
 

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import patchsearch
 from patchsearch import PatchIndex
 from patchsearch.cli import main
 from patchsearch.query import geometry_of
@@ -84,7 +85,7 @@ def test_tiles_find_a_defect_in_the_corner_tile(line_scan, tmp_path):
     assert _inside(corner["regions"][0], 8, 8)
     # the store holds every training tile's patches: 5 of 10 frames x 4 tiles x 8 x 8 (5 held aside)
     assert index.manifest.store["num_patches"] == 5 * 4 * 64
-    res = index.query([test / "corner.png"])
+    res = patchsearch.query(index, [test / "corner.png"])
     assert res.anomaly_maps[0].shape == (H, W) and res.tiles == 4
 
 
@@ -93,7 +94,7 @@ def test_unreadable_frames_are_errors_never_ok(line_scan, tmp_path):
     _build_and_query(root, test, tmp_path / "idx", "--resize", "64")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
     index = PatchIndex.load(tmp_path / "idx/scan")
-    res = index.query([tmp_path / "broken.png", test / "good.png"])
+    res = patchsearch.query(index, [tmp_path / "broken.png", test / "good.png"])
     assert res.decisions.tolist() == ["ERROR", "OK"]
     assert np.isnan(res.image_scores[0]) and res.regions[0] == []
     res.image_scores[1] = np.nan  # a score that is not a number is never good
@@ -119,7 +120,7 @@ def test_calibrate_refits_from_new_good_frames(line_scan, tmp_path):
     assert r.exit_code == 0, r.output
     after = PatchIndex.load(tmp_path / "idx/scan")
     assert after.version == "v000002" and before.version == "v000001"
-    corner_score = after.query([test / "corner.png"], maps=False).image_scores[0]
+    corner_score = patchsearch.query(after, [test / "corner.png"], maps=False).image_scores[0]
     # margin 0, target_fpr 0: the threshold is the largest of the two good scores (here the corner's)
     assert after.manifest.calibration["image"]["threshold"] == pytest.approx(float(corner_score), rel=1e-6)
     np.testing.assert_array_equal(after.bank, before.bank)  # only the thresholds changed

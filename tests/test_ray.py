@@ -16,6 +16,7 @@ from conftest import REPO, make_mvtec
 
 ray = pytest.importorskip("ray")
 
+import patchsearch  # noqa: E402
 from patchsearch import PatchIndex  # noqa: E402
 from patchsearch.cli import main  # noqa: E402
 from patchsearch.pipeline import build  # noqa: E402
@@ -287,7 +288,7 @@ def test_remote_query_of_frames_equals_local(cluster, data, local):
     a = PatchIndex.load(local, gpu=False, exact="faiss")
     b = RemotePatchIndex(local, address=cluster.address)
     try:
-        ra, rb = a.query(frames), b.query(frames)
+        ra, rb = patchsearch.query(a, frames), patchsearch.query(b, frames)
         assert np.array_equal(ra.image_scores, rb.image_scores) and np.array_equal(ra.locations, rb.locations)
         assert np.array_equal(ra.distances, rb.distances)
     finally:

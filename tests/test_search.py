@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+import patchsearch
 from patchsearch import PatchIndex
 from patchsearch.errors import IndexFormatError, InputError
 from patchsearch.score import reweighted_scores
@@ -148,7 +149,7 @@ def test_bad_input():
     with pytest.raises(InputError, match="more than the 20"):
         PatchIndex.from_embeddings(_bank(20, 4), shards=21)
     with pytest.raises(IndexFormatError, match="records no backbone"):
-        index.query(["x.png"])
+        patchsearch.query(index, ["x.png"])
 
 
 def test_import_and_search_without_torch():

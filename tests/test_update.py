@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import patchsearch
 from patchsearch import PatchIndex, kcenter_greedy
 from patchsearch.bank import exact_support_sets
 from patchsearch.cli import main
@@ -139,7 +140,7 @@ def test_build_records_radius_and_add_covers_every_store_patch(built, tmp_path):
     # ... and the thresholds are those of re-scoring every held-aside frame with the new bank
     from patchsearch.calibrate import fit_calibration
 
-    new._embedder = emb
+    new.embedder = emb
     held = [root / "widget" / p for p in old.manifest.calibration["images"]]
     full = fit_calibration(new, held, root / "widget", "all frames")
     for kind in ("image", "pixel"):
@@ -168,7 +169,7 @@ def test_add_same_frames_twice_changes_nothing(built, tmp_path):
 
 
 def _answers(index, frames):
-    res = index.query(frames)
+    res = patchsearch.query(index, frames)
     return res.image_scores, np.stack(res.anomaly_maps), res.locations, res.decisions
 
 
@@ -177,7 +178,7 @@ def test_add_then_remove_restores_the_original(built, tmp_path):
     path = _copy(idx, tmp_path)
     tests = sorted((root / "widget/test").rglob("*.png"))
     orig = PatchIndex.load(path)
-    orig._embedder = emb
+    orig.embedder = emb
     before = _answers(orig, tests)
     frames = sorted((root / "widget/line").glob("*.png"))  # good and new-supplier frames
     added = add_images(path, frames, data_root=root / "widget", embedder=emb)
@@ -186,7 +187,7 @@ def test_add_then_remove_restores_the_original(built, tmp_path):
             *[a for f in frames for a in ("--image", f"line/{f.name}")])
     assert r.exit_code == 0, r.output
     back = PatchIndex.load(path)
-    back._embedder = emb
+    back.embedder = emb
     np.testing.assert_array_equal(back.bank, orig.bank)
     for k, v in orig.memory_bank.sources.items():
         np.testing.assert_array_equal(back.memory_bank.sources[k], v)

@@ -226,3 +226,18 @@ def test_format1_files_in_use_are_removed_later_and_manifest_last(tmp_path, cloc
     held.close()
     PatchIndex.from_embeddings(_bank(seed=8)).save(root)
     assert not [n for n in legacy if (root / n).exists()] and _dirs(root) == ["v000002"]
+
+
+def test_link_or_copy_copies_where_links_are_refused(tmp_path, monkeypatch):
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"patch rows")
+    files.link_or_copy(src, tmp_path / "linked.bin")
+    assert os.path.samefile(src, tmp_path / "linked.bin")  # a hard link where the file system allows it
+
+    def refuse(a, b):
+        raise OSError("links not supported")
+
+    monkeypatch.setattr(os, "link", refuse)
+    files.link_or_copy(src, tmp_path / "copied.bin")
+    assert (tmp_path / "copied.bin").read_bytes() == b"patch rows"
+    assert not os.path.samefile(src, tmp_path / "copied.bin")

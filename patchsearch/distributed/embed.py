@@ -66,7 +66,7 @@ class EmbedWorker:
                 unreadable frame.
         """
         from ..errors import InputError
-        from ..pipeline import embed_frames
+        from ..ingest import embed_frames
         from ..store import PatchStoreWriter, partition_files
 
         directory = Path(directory)

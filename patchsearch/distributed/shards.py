@@ -30,6 +30,7 @@ from ..bank import B, MemoryBank, read_bank
 from ..errors import PatchsearchError
 from ..format import check_sizes, read_manifest
 from ..index import PatchIndex
+from ..ivf import sharded_searcher
 from ..searchers import ShardedSearcher, faiss, read_shard, rerank, reranked
 from ..versions import open_version
 
@@ -58,7 +59,8 @@ class ShardActor:
         self.start, self.stop = int(entry["start"]), int(entry["stop"])
         index = read_shard(base / entry["file"], man.embedding_dim, self.stop - self.start)
         reranked(man.index.get("type"), index, str(base / entry["file"]))  # manifest and shard file agree
-        self.searcher = ShardedSearcher([index])
+        self.searcher = sharded_searcher([index]) if faiss().try_extract_index_ivf(index) is not None \
+            else ShardedSearcher([index])
         self.is_ivf = self.searcher.is_ivf
         if self.is_ivf:
             for placed in self.searcher.placed:  # as IVFPQSearcher.set_nprobe (CPU or GPU shard)
