@@ -86,7 +86,7 @@ def test_index_device_refuses_bad_values_and_absent_gpus_in_one_line(no_gpu):
             PatchIndex.from_embeddings(bank, **kw)
     with pytest.raises(InputError, match=r"^gpu=False contradicts device='cuda'"):
         PatchIndex.from_embeddings(bank, device="cuda", gpu=False)
-    with pytest.raises(InputError, match=r"^exact must be one of faiss, int8, torch, auto, got 'fast'$"):
+    with pytest.raises(InputError, match=r"^exact must be one of auto, fp32, faiss, bf16, int8, torch, got 'fast'$"):
         PatchIndex.from_embeddings(bank, exact="fast")
     with pytest.raises(InputError, match=r"^precision must be one of fp32, tf32, bf16, fp16, got 'fp8'$"):
         PatchIndex.from_embeddings(bank, device="cpu", exact="torch", precision="fp8")
