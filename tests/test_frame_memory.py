@@ -1,4 +1,4 @@
-"""Large frames are prepared in bounded memory: peak RSS of prepare_frame in a fresh process."""
+"""Large frames are prepared in bounded memory: peak RSS (VmHWM) of prepare_frame in a fresh process."""
 
 import json
 import subprocess
@@ -27,7 +27,10 @@ def rss():
         return int(f.read().split()[1]) * resource.getpagesize()
 before = rss()
 t, size = prepare_frame(sys.argv[1], g, max_pixels=10 ** 9)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this process image's own peak; ru_maxrss is not: Linux carries the forking
+# parent's RSS across fork + exec into it, so under a large pytest process it reads high
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
 print(json.dumps({"extra": peak - before, "shape": list(t.shape), "size": list(size)}))
 """
 
