@@ -30,7 +30,7 @@ them; else the check is repeated with :data:`WIDEN` x c candidates from the same
 scores, and a query that still fails is searched with the fp32 fallback
 (``faiss.IndexFlatL2``) and re-ranked (same distances as the others).
 
-Chosen by :func:`choose` (``precision="auto"``): see :data:`MEASURED`. Needs torch only
+Chosen by :func:`choose` (``exact="auto"``): see :func:`measured_kind`. Needs torch only
 when chosen; ``import patchsearch`` and the fp32 path never import it.
 """
 
@@ -49,15 +49,39 @@ from .searchers import rerank
 PRECISIONS = ("fp32", "bf16", "int8", "auto")
 U32 = 2.0 ** -24        # unit roundoff of float32
 U_BF16 = 2.0 ** -8      # of bfloat16 (8-bit significand)
-CANDIDATES = 32         # candidate rows per query before widening (at least k + 8)
+CANDIDATES = {"bf16": 32, "int8": 64}  # candidate rows per query before widening (at least k + 8)
 WIDEN = 8               # the second try takes WIDEN x as many from the same scores
 CHUNK_ELEMENTS = 2 ** 24  # queries per GEMM chunk: (chunk, M) scores of at most this many elements
 # ``auto`` takes the reduced-precision stage only for banks where its fixed costs pay:
 MIN_ROWS = 4096
-# Measured (scripts/bench_search_eq7.py, 2-core Xeon with AMX; ONEDNN_MAX_CPU_ISA and
-# FAISS_OPT_LEVEL to stand in for CPUs without AMX): which kind ``auto`` takes, by the first
-# CPU flag present. CPUs with none of them (AVX2 without VNNI, other architectures) keep fp32.
-MEASURED = (("amx_bf16", "bf16"), ("avx512_bf16", "bf16"), ("avx512_vnni", "int8"), ("avx_vnni", "int8"))
+INT8_MIN_DIM = 512      # int8 pays from here on (VNNI CPUs without AMX), see :func:`measured_kind`
+
+
+def measured_kind(flags: frozenset, dim: int) -> str:
+    """The candidate kind measured fastest for a CPU with ``flags`` and embeddings of ``dim``.
+
+    Measured on a 2-core Xeon with AMX (other CPUs stood in for by ``ONEDNN_MAX_CPU_ISA``
+    and ``FAISS_OPT_LEVEL``; search of real bottle patches and their 512-/1536-d lifts, k = 9,
+    against ``faiss.IndexFlatL2``; see scripts/bench_search_eq7.py and the benchmarks docs):
+
+    =====================  ==================  ==============  ==============
+    CPU                    d = 152             d = 512         d = 1536
+    =====================  ==================  ==============  ==============
+    AMX (``amx_bf16``)     bf16 1.2-2x         bf16 2.5x       bf16 2.5-4x
+    AVX512-BF16, no AMX    bf16 1.2x, int8 1x  -               bf16 0.8x, int8 1.7x
+    AVX512-VNNI            int8 0.8x           int8 1.6x       int8 1.8x
+    AVX2-VNNI              -                   -               int8 1.9x
+    AVX2 (no VNNI)         int8 0.7x           -               int8 1.0x
+    =====================  ==================  ==============  ==============
+
+    Returns ``"bf16"`` with AMX; ``"int8"`` with VNNI (AVX-512 or AVX2) from
+    :data:`INT8_MIN_DIM` on; ``"fp32"`` otherwise.
+    """
+    if "amx_bf16" in flags:
+        return "bf16"
+    if dim >= INT8_MIN_DIM and ("avx512_vnni" in flags or "avx_vnni" in flags):
+        return "int8"
+    return "fp32"
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,8 +123,8 @@ def choose(precision: str, rows: int, dim: int, on_gpu: bool = False) -> str:
 
     Args:
         precision: ``"fp32"`` (also ``"faiss"``: ``faiss.IndexFlatL2`` only), ``"bf16"``,
-            ``"int8"``, or ``"auto"``: the kind :data:`MEASURED` names for the first of its
-            CPU flags present (:func:`cpu_features`), for banks of at least
+            ``"int8"``, or ``"auto"``: the kind :func:`measured_kind` gives for this CPU
+            (:func:`cpu_features`) and ``dim``, for banks of at least
             :data:`MIN_ROWS` rows on the CPU with torch installed; fp32 otherwise.
         rows, dim: the bank's shape.
         on_gpu: the index is on a GPU (always fp32 here).
@@ -116,8 +140,7 @@ def choose(precision: str, rows: int, dim: int, on_gpu: bool = False) -> str:
     if precision == "auto":
         if on_gpu or rows < MIN_ROWS or not torch_available():
             return "fp32"
-        flags = cpu_features()
-        kind = next((k for flag, k in MEASURED if flag in flags), "fp32")
+        kind = measured_kind(cpu_features(), dim)
         return "fp32" if kind == "int8" and not int8_gemm_available() else kind
     if precision != "fp32" and not torch_available():
         raise InputError(f"exact={precision!r} needs torch (pip install torch), or use exact='fp32'")
@@ -163,8 +186,8 @@ class LowpSearcher:
         fallback: exact fp32 searcher (``search(queries, k)``) for queries whose candidate
             set could not be proven complete.
         kind: ``"bf16"`` or ``"int8"``.
-        candidates: candidate rows per query before widening (at least k; rounded up
-            to whole groups).
+        candidates: candidate rows per query before widening (at least k + 8; default
+            :data:`CANDIDATES` of the kind).
         group: rows per candidate group (:func:`select`; default :func:`group_size`).
         chunk: queries per GEMM (default: :data:`CHUNK_ELEMENTS` / M, within [16, 4096]).
 
@@ -175,14 +198,14 @@ class LowpSearcher:
     :meth:`search` (:meth:`prepare`), not by the constructor.
     """
 
-    def __init__(self, bank: np.ndarray, fallback, kind: str = "bf16", candidates: int = CANDIDATES,
+    def __init__(self, bank: np.ndarray, fallback, kind: str = "bf16", candidates: int | None = None,
                  group: int | None = None, chunk: int | None = None):
         if kind not in ("bf16", "int8"):
             raise InputError(f"reduced-precision kind must be bf16 or int8, got {kind!r}")
         self.bank = bank
         self.fallback = fallback
         self.kind = kind
-        self.candidates = int(candidates)
+        self.candidates = int(candidates or CANDIDATES[kind])
         self.group = group
         self.chunk = chunk or int(min(4096, max(16, CHUNK_ELEMENTS // max(1, len(bank)))))
         self.stats = {"queries": 0, "widened": 0, "fallbacks": 0}
@@ -244,18 +267,19 @@ class LowpSearcher:
             return st
         codes = torch.empty((m, d), dtype=torch.int8)
         scale = np.empty(m, np.float32)
-        norms2 = np.empty(m, np.float32)
+        norms2 = np.empty(m, np.float64)
+        errs = np.empty(m, np.float64)
         r_max = e_max = 0.0
         for s, y, n2 in self._centred_rows():
             sc = np.maximum(np.abs(y).max(1), 1e-30).astype(np.float32) / np.float32(top)
             c = np.clip(np.rint(y / sc[:, None]), -top, top)
             err = np.sqrt(((y.astype(np.float64) - c * sc[:, None].astype(np.float64)) ** 2).sum(1))
             codes[s:s + len(y)] = torch.from_numpy(c.astype(np.int8))
-            scale[s:s + len(y)], norms2[s:s + len(y)] = sc, n2
+            scale[s:s + len(y)], norms2[s:s + len(y)], errs[s:s + len(y)] = sc, n2, err * (1 + 1e-6)
             r_max, e_max = max(r_max, float(np.sqrt(n2.max()))), max(e_max, float(err.max()))
         st.update(packed=torch.ops.onednn.qlinear_prepack(codes, None), scale=torch.from_numpy(scale),
-                  zeros=torch.zeros(m, dtype=torch.int64), bias=torch.from_numpy(norms2), r_max=r_max,
-                  e_max=e_max * (1 + 1e-6), r_codes=r_max + e_max)
+                  zeros=torch.zeros(m, dtype=torch.int64), norms2=norms2, errs=errs, norms=np.sqrt(norms2) * (1 + 1e-6),
+                  r_max=r_max, r_codes=r_max + e_max)
         return st
 
     # search ---------------------------------------------------------------------------
@@ -325,18 +349,20 @@ class LowpSearcher:
             scores = torch.mm(qb, st["codes"].T)  # ~ -(lower bound of ||q - x||^2) / 2 - shift
             return scores.view(torch.int16).numpy().view(np.uint16), {"pn2": pn2, "big": big * 1.01 + shift,
                                                                      "shift": shift}
-        p = torch.from_numpy(p)
-        p64 = torch.from_numpy(p64)
-        sp = max(float(p.abs().max()), 1e-30) / 127.0
-        codes = torch.clamp(torch.round(p / sp), -127, 127)
-        pb64 = codes.double() * sp
-        pbn = pb64.norm(dim=1).numpy()
-        epn = (p64 - pb64).norm(dim=1).numpy()
-        qx = (128 - codes).to(torch.uint8)  # (qx - 128) = -codes: the output is ||y||^2 - 2 <p~, y~>
+        sp = max(float(np.abs(p).max()), 1e-30) / 127.0
+        codes = np.clip(np.rint(p / np.float32(sp)), -127, 127)
+        pb64 = codes.astype(np.float64) * sp
+        pbn = np.sqrt(np.einsum("ij,ij->i", pb64, pb64))
+        epn = np.sqrt(((p64 - pb64) ** 2).sum(1))
+        # bias: ||y||^2 - 2 eps(y), eps(y) >= |<p, y> - <p~, y~>| for every query of the chunk
+        # (||p~|| ||e(y)|| + ||e_p|| ||y||, chunk-wide maxima of the query terms): the output is
+        # then a lower bound of ||p - y||^2 - ||p||^2 per row (up to fp32 rounding)
+        bias = st["norms2"] - 2 * (pbn.max() * st["errs"] + epn.max() * st["norms"])
+        qx = torch.from_numpy((128 - codes).astype(np.uint8))  # (qx - 128) = -codes: the output is bias - 2 <p~, y~>
         scores = torch.ops.onednn.qlinear_pointwise(qx, 2 * sp, 128, st["packed"], st["scale"], st["zeros"],
-                                                    st["bias"], 1.0, 0, torch.float32, "none", [], "")
-        eps = pbn * st["e_max"] + epn * st["r_max"]
-        return scores.numpy(), {"pn2": pn2, "eps": eps, "big": (np.sqrt(pn2) + st["r_codes"]) ** 2 * 1.01}
+                                                    torch.from_numpy(bias.astype(np.float32)), 1.0, 0,
+                                                    torch.float32, "none", [], "")
+        return scores.numpy(), {"pn2": pn2, "big": (np.sqrt(pn2) + st["r_codes"]) ** 2 * 1.01 + 2 * abs(bias).max()}
 
     def _try(self, q, keys, terms, c, k):
         """Re-rank the c best-keyed rows of each query; returns (squared L2 (n, k), rows
@@ -355,7 +381,7 @@ class LowpSearcher:
         else:
             i = (thr.astype(np.uint32) ^ np.uint32(0x80000000)).view(np.int32)
             worst = (i ^ ((i >> 31) & 0x7FFFFFFF)).view(np.float32).astype(np.float64)
-            low = pn2 + worst - 2 * terms["eps"] - 8 * U32 * terms["big"]
+            low = pn2 + worst - 8 * U32 * terms["big"]
         delta = 1.001 * U32 * (np.sqrt(pn2) + st["r_max"])  # fp32 centring of q and x
         low = np.maximum(np.sqrt(np.maximum(low, 0.0)) - delta, 0.0) ** 2
         kth = d2[:, -1].astype(np.float64) * (1 + (st["d"] + 4) * U32)  # fp32 re-ranking

@@ -33,8 +33,17 @@ max relative image-score difference against anomalib, and the reduced-precision
 searcher's widened / fp32-fallback queries. The machine (``lscpu`` model name, load
 average, the CPU features the choice depends on, present or absent) is printed first.
 
+The seconds are wall-clock; "CPU s" is the process's CPU time over the same best run
+(all threads), less sensitive to other load on a shared machine.
+
+``--simulate`` stands in for another CPU kind on this one: oneDNN (torch's bf16/int8
+GEMMs) capped with ``ONEDNN_MAX_CPU_ISA``, faiss with ``FAISS_OPT_LEVEL``, MKL with
+``MKL_ENABLE_INSTRUCTIONS``, and ``exact="auto"`` seeing that kind's CPU flags; it is
+printed as such (the memory system stays this machine's).
+
     python scripts/bench_search_eq7.py                 # both cases, a few minutes
     python scripts/bench_search_eq7.py --cases bottle --repeat 5
+    python scripts/bench_search_eq7.py --simulate avx2  # an AVX2-only CPU (no VNNI, no AVX-512)
 """
 
 from __future__ import annotations
@@ -43,19 +52,40 @@ import argparse
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+SIMULATE = {  # kind: (env, CPU flags that exact="auto" sees)
+    "avx512_bf16": ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+                    {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}),
+    "avx512_vnni": ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, {"avx2", "avx512f", "avx512_vnni"}),
+    "avx2_vnni": ({"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI", "FAISS_OPT_LEVEL": "avx2", "OPENBLAS_CORETYPE": "Haswell",
+                   "MKL_ENABLE_INSTRUCTIONS": "AVX2"}, {"avx2", "avx_vnni"}),
+    "avx2": ({"ONEDNN_MAX_CPU_ISA": "AVX2", "FAISS_OPT_LEVEL": "avx2", "OPENBLAS_CORETYPE": "Haswell",
+              "MKL_ENABLE_INSTRUCTIONS": "AVX2"}, {"avx2"}),
+}
+if "--simulate" in sys.argv and "PATCHSEARCH_BENCH_SIMULATED" not in os.environ:  # before torch/faiss load
+    kind = sys.argv[sys.argv.index("--simulate") + 1]
+    if kind in SIMULATE:
+        os.environ.update(SIMULATE[kind][0], PATCHSEARCH_BENCH_SIMULATED=kind)
+        os.execv(sys.executable, [sys.executable] + sys.argv)
 
-import benchdata
-from bench_search import torch_patchcore
-from patchsearch import PatchIndex, lowp
-from patchsearch.searchers import faiss
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import benchdata  # noqa: E402
+from bench_search import torch_patchcore  # noqa: E402
+from patchsearch import PatchIndex, lowp  # noqa: E402
+from patchsearch.searchers import faiss  # noqa: E402
+
+REAL_FEATURES = lowp.cpu_features()
+if os.environ.get("PATCHSEARCH_BENCH_SIMULATED") in SIMULATE:
+    lowp.cpu_features = lambda: frozenset(SIMULATE[os.environ["PATCHSEARCH_BENCH_SIMULATED"]][1])
 
 FEATURES = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
 BATCH = 16
+PANORAMA_PATCHES = 8192  # Panorama is measured on this many of the patches (search only)
 
 
 def machine() -> str:
@@ -65,12 +95,15 @@ def machine() -> str:
         model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), model)
     except (OSError, subprocess.SubprocessError):
         pass
-    flags = lowp.cpu_features()
-    have = [f for f in FEATURES if f in flags]
-    lack = [f for f in FEATURES if f not in flags]
+    have = [f for f in FEATURES if f in REAL_FEATURES]
+    lack = [f for f in FEATURES if f not in REAL_FEATURES]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    sim = os.environ.get("PATCHSEARCH_BENCH_SIMULATED")
+    sim = (f"SIMULATED CPU kind: {sim} ({' '.join(f'{k}={v}' for k, v in SIMULATE[sim][0].items())}; "
+           f"exact='auto' sees the flags {', '.join(sorted(SIMULATE[sim][1]))})\n") if sim in SIMULATE else ""
     return (f"CPU: {model}; {os.cpu_count()} logical CPUs; load average {load}\n"
             f"CPU features present: {', '.join(have) or 'none'}; absent (not faked): {', '.join(lack) or 'none'}\n"
+            f"{sim}"
             f"torch {torch.__version__} ({torch.get_num_threads()} threads, capability "
             f"{torch.backends.cpu.get_cpu_capability()}), faiss {faiss().__version__}, "
             f"anomalib {anomalib_version() or 'not installed'}")
@@ -171,14 +204,18 @@ def panorama_rows(bank: np.ndarray, q: np.ndarray, repeat: int) -> list[tuple[st
             pano = f.IndexFlatL2Panorama(d, levels)
             pano.add(x)
             best = min(_timed(lambda: pano.search(y, 9))[0] for _ in range(repeat))
-            out.append((f"faiss IndexFlatL2Panorama, {levels} levels, bank {name} (k=9 search only)", best))
-    out.append(("faiss IndexFlatL2 (k=9 search only)", min(_timed(lambda: flat.search(q, 9))[0] for _ in range(repeat))))
+            out.append((f"faiss IndexFlatL2Panorama, {levels} levels, bank {name} (k=9 search only, "
+                        f"{len(q):,} patches)", best))
+    out.append((f"faiss IndexFlatL2 (k=9 search only, {len(q):,} patches)",
+                min(_timed(lambda: flat.search(q, 9))[0] for _ in range(repeat))))
     return out
 
 
-def _timed(fn):
-    t = time.perf_counter()
+def _timed(fn, cpu: list | None = None):
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
+    if cpu is not None:
+        cpu.append(time.process_time() - c)
     return time.perf_counter() - t, out
 
 
@@ -207,11 +244,13 @@ def bench_case(label: str, bank: np.ndarray, patches: np.ndarray, repeat: int, i
         default = " = the default (auto)" if kind == auto else ""
         for k in (1, 9):
             methods[f"patchsearch exact={tag}{default}, k={k}"] = (k, lambda b=built, k=k: run_index(b, patches, k))
-    best, results = {}, {}
+    best, cpu, results = {}, {}, {}
     for _ in range(repeat):  # interleaved: every method once per round
         for name, (_, fn) in methods.items():
-            t, out = _timed(fn)
-            best[name] = min(best.get(name, float("inf")), t)
+            c = []
+            t, out = _timed(fn, c)
+            if t < best.get(name, float("inf")):
+                best[name], cpu[name] = t, c[0]
             results[name] = out
     ref_name = next((m for m in methods if m.startswith("anomalib")), None)
     torch_name = "torch fp32 brute force (k=9) + Eq. 7"
@@ -234,18 +273,20 @@ def bench_case(label: str, bank: np.ndarray, patches: np.ndarray, repeat: int, i
             if name.startswith(f"patchsearch exact={kind}") and isinstance(built.searcher, lowp.LowpSearcher):
                 st = built.searcher.stats
                 stats = f"{st['widened']} / {st['fallbacks']} of {st['queries']} (codes {prep:.2f} s)"
-        rows.append(f"| {label} | {name} | {t:.3f} | {n_patch / t:,.0f} | {vs_anomalib} | {vs_torch} | {agree} | "
-                    f"{rel} | {stats or '-'} |")
-    for name, t in panorama_rows(bank, q, repeat):
-        rows.append(f"| {label} | {name} | {t:.3f} | {n_patch / t:,.0f} | - | - | - | - | - |")
+        rows.append(f"| {label} | {name} | {t:.3f} | {cpu[name]:.2f} | {n_patch / t:,.0f} | {vs_anomalib} | "
+                    f"{vs_torch} | {agree} | {rel} | {stats or '-'} |")
+    sub = q[:PANORAMA_PATCHES]
+    for name, t in panorama_rows(bank, sub, repeat):
+        rows.append(f"| {label} | {name} | {t:.3f} | - | {len(sub) / t:,.0f} | - | - | - | - | - |")
     return rows
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="bottle,1536", help="bottle, 1536 or both")
-    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the best time of each method counts")
+    ap.add_argument("--repeat", type=int, default=2, help="interleaved rounds; the best time of each method counts")
     ap.add_argument("--frames-1536", type=int, default=16, help="test frames searched in the 16k x 1536 case")
+    ap.add_argument("--simulate", choices=sorted(SIMULATE), help="stand in for another CPU kind (see above)")
     ap.add_argument("--index", type=Path, default=benchdata.REPO / "indexes" / "bottle",
                     help="the default bottle build (patchsearch build --category bottle)")
     args = ap.parse_args()
@@ -265,9 +306,9 @@ def main():
         print(f"\n16k x 1536: bank {bank.shape}, {len(patches)} frames x {patches.shape[1]} patches", flush=True)
         rows += bench_case("16,384 x 1536", bank, patches, args.repeat)
     print(f"\n{machine()}\n")
-    print("| bank | method | s (all frames) | patches/s | vs anomalib (k=1) | vs torch fp32 (k=9) | "
+    print("| bank | method | s (all frames) | CPU s | patches/s | vs anomalib (k=1) | vs torch fp32 (k=9) | "
           "top-1 = anomalib's | max rel. image-score diff vs anomalib | widened / fp32 fallbacks |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

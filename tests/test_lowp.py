@@ -108,7 +108,10 @@ def test_select_takes_exactly_the_smallest_keys_and_bounds_the_rest():
 
 def test_auto_choice_follows_cpu_features_bank_size_and_torch(monkeypatch):
     monkeypatch.setattr(lowp, "cpu_features", lambda: frozenset({"avx2", "fma"}))
-    assert lowp.choose("auto", 100_000, 152) == "fp32"  # no bf16 units, no VNNI: IndexFlatL2
+    assert lowp.choose("auto", 100_000, 152) == lowp.choose("auto", 100_000, 1536) == "fp32"  # AVX2 only
+    monkeypatch.setattr(lowp, "cpu_features", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    assert lowp.choose("auto", 100_000, 152) == "fp32"  # int8 pays from INT8_MIN_DIM on
+    assert lowp.choose("auto", 100_000, 1536) == ("int8" if lowp.int8_gemm_available() else "fp32")
     monkeypatch.setattr(lowp, "cpu_features", lambda: frozenset({"avx2", "avx512f", "amx_bf16", "avx512_bf16"}))
     assert lowp.choose("auto", 100_000, 152) == "bf16"
     assert lowp.choose("auto", lowp.MIN_ROWS - 1, 152) == "fp32"  # small banks
