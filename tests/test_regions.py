@@ -82,8 +82,13 @@ def test_regions_errors():
 def _stub_index(geometry, pixel_t):
     from types import SimpleNamespace
 
-    return SimpleNamespace(device="cpu", manifest=SimpleNamespace(
-        geometry=geometry.to_dict(), calibration={"image": {"threshold": 1.0}, "pixel": {"threshold": pixel_t}}))
+    from patchsearch.format import Manifest
+
+    manifest = SimpleNamespace(geometry=geometry.to_dict(),
+                               calibration={"image": {"threshold": 1.0}, "pixel": {"threshold": pixel_t}})
+    manifest.thresholds = lambda threshold=None: Manifest.thresholds(manifest, threshold)
+    manifest.frame_geometry = lambda: Manifest.frame_geometry(manifest)
+    return SimpleNamespace(device="cpu", manifest=manifest)
 
 
 @pytest.mark.parametrize("kind", ["crop", "frame", "turned"])
